@@ -1,0 +1,47 @@
+# LabCommons: `make demo` serves the bilingual demo on http://127.0.0.1:8000, `make test` runs every test.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: demo test bench lint typecheck serve browser clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+# Reinstall whenever pyproject.toml changes.
+$(VENV)/.stamp-install: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(VENV)/.stamp-dev: pyproject.toml $(VENV)/.stamp-install
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+demo: $(VENV)/.stamp-install
+	$(BIN)/labcommons demo --host 127.0.0.1 --port 8000
+
+serve: $(VENV)/.stamp-install
+	$(BIN)/labcommons serve
+
+# Debian's Chromium for the browser tests (Playwright drives it; no browser download).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = "0" ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
+	  else echo "chromium is missing: run 'sudo apt-get install -y chromium'" >&2; exit 1; fi; }
+
+lint: $(VENV)/.stamp-dev
+	$(BIN)/ruff check src tests bench
+
+typecheck: $(VENV)/.stamp-dev
+	$(BIN)/mypy
+
+test: $(VENV)/.stamp-dev browser lint typecheck
+	$(BIN)/pytest -n 2 --dist loadgroup
+
+bench: $(VENV)/.stamp-dev
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) labcommons.db labcommons.db-wal labcommons.db-shm .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,96 @@
+"""The application factory: API under /api/v1, pages at /, static files."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi.staticfiles import StaticFiles
+
+from labcommons import __version__, i18n
+from labcommons.config import Settings, get_settings
+from labcommons.db import Database
+from labcommons.http import SESSION_COOKIE, install_error_handlers
+
+API_PREFIX = "/api/v1"
+
+
+def create_app(settings: Settings | None = None, db: Database | None = None) -> FastAPI:
+    """Build the app; the database comes from `db` or from the settings' URL when it starts."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        owned = db is None
+        app.state.db = db or Database.from_url(
+            settings.database_url, busy_timeout=settings.sqlite_busy_timeout_seconds,
+            pool_size=settings.db_pool_size,
+        )
+        try:
+            yield
+        finally:
+            if owned:
+                app.state.db.dispose()
+
+    app = FastAPI(
+        title="LabCommons API",
+        version=__version__,
+        description="Shared large instruments and technical services across regions.",
+        openapi_url=f"{API_PREFIX}/openapi.json",
+        docs_url=f"{API_PREFIX}/docs",
+        redoc_url=None,
+        lifespan=lifespan,
+    )
+    if db is not None:
+        app.state.db = db
+    install_error_handlers(app)
+
+    from labcommons.booking.api import router as booking_api
+    from labcommons.catalog.api import router as catalog_api
+
+    api = APIRouter(prefix=API_PREFIX)
+    api.include_router(catalog_api)
+    api.include_router(booking_api)
+
+    @api.get("/health", tags=["ops"])
+    def health() -> dict[str, str]:
+        return {"status": "ok", "version": __version__}
+
+    app.include_router(api)
+
+    from labcommons.booking.pages import router as booking_pages
+    from labcommons.catalog.pages import router as catalog_pages
+    from labcommons.identity.pages import router as identity_pages
+
+    app.include_router(catalog_pages)
+    app.include_router(booking_pages)
+    app.include_router(identity_pages)
+    app.mount("/static", StaticFiles(directory=Path(__file__).parent / "static"), name="static")
+
+    @app.middleware("http")
+    async def locale_and_cookies(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        from labcommons.pages import ANON_COOKIE, new_anon_token
+
+        query_lang = request.query_params.get("lang")
+        locale = i18n.pick_locale(query_lang, request.cookies.get("lang"), request.headers.get("accept-language"))
+        i18n.set_locale(locale)
+        is_page = not request.url.path.startswith(("/api/", "/static/"))
+        anon = None
+        if is_page and not request.cookies.get(SESSION_COOKIE) and not request.cookies.get(ANON_COOKIE):
+            anon = request.state.anon_token = new_anon_token()
+        response = await call_next(request)
+        if query_lang and is_page:
+            response.set_cookie("lang", locale, max_age=365 * 86400, samesite="lax")
+        if anon:
+            response.set_cookie(ANON_COOKIE, anon, httponly=True, samesite="lax", secure=settings.cookie_secure)
+        if is_page:
+            response.headers.setdefault("X-Frame-Options", "DENY")
+            response.headers.setdefault("X-Content-Type-Options", "nosniff")
+            response.headers.setdefault("Referrer-Policy", "same-origin")
+        return response
+
+    return app

@@ -1,0 +1,131 @@
+"""Booking and availability endpoints under /api/v1."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi.responses import JSONResponse
+from pydantic import AwareDatetime
+from sqlalchemy.orm import Session
+
+from labcommons.actor import Actor
+from labcommons.booking import service
+from labcommons.booking.models import BookingStatus
+from labcommons.booking.schemas import AvailabilityRead, BookingCreate, BookingPage, BookingRead, SlotList, SlotRead
+from labcommons.catalog.service import InstrumentQuery
+from labcommons.db import Database, utcnow
+from labcommons.http import api_actor, get_db
+from labcommons.idempotency import Outcome, fingerprint, run_idempotent
+
+router = APIRouter(tags=["booking"])
+
+ERRORS = {
+    401: {"description": "No valid API token"},
+    404: {"description": "Unknown instrument or booking"},
+    409: {"description": "Conflicts with the current state, e.g. overlapping_booking"},
+    422: {"description": "Invalid input; `field` names it"},
+}
+
+
+def _json(outcome: Outcome) -> JSONResponse:
+    headers = {"Idempotent-Replayed": "true"} if outcome.replayed else None
+    return JSONResponse(outcome.body, status_code=outcome.status_code, headers=headers)
+
+
+@router.get("/instruments/{instrument_id}/availability", response_model=AvailabilityRead, responses=ERRORS)
+def instrument_availability(
+    instrument_id: int,
+    db: Annotated[Database, Depends(get_db)],
+    from_: Annotated[AwareDatetime, Query(alias="from")],
+    to: AwareDatetime,
+) -> AvailabilityRead:
+    """Free and busy intervals of one instrument in [from, to) (at most 62 days)."""
+    with db.unit_of_work(write=False) as session:
+        return AvailabilityRead.of(service.availability(session, instrument_id, from_, to))
+
+
+@router.get("/slots/earliest", response_model=SlotList, responses=ERRORS)
+def earliest_slot(
+    db: Annotated[Database, Depends(get_db)],
+    duration_minutes: Annotated[int, Query(ge=1, le=44640)],
+    q: Annotated[str, Query(max_length=200)] = "",
+    category: Annotated[str | None, Query(max_length=32)] = None,
+    region: Annotated[str | None, Query(max_length=16)] = None,
+    institution: Annotated[str | None, Query(max_length=40)] = None,
+    after: AwareDatetime | None = None,
+    limit: Annotated[int, Query(ge=1, le=20)] = 5,
+) -> SlotList:
+    """The earliest free slots of the given length after a time, one per matching instrument, soonest first."""
+    query = InstrumentQuery(q=q, category=category, region=region, institution=institution)
+    start: datetime = max(after, utcnow()) if after else utcnow()
+    with db.unit_of_work(write=False) as session:
+        slots = service.earliest_slots(session, query, duration_minutes, start, limit=limit)
+        return SlotList(items=[SlotRead.of(s) for s in slots])
+
+
+@router.post("/bookings", status_code=201, response_model=BookingRead, responses=ERRORS)
+def create_booking(
+    body: BookingCreate,
+    request: Request,
+    actor: Annotated[Actor, Depends(api_actor)],
+    db: Annotated[Database, Depends(get_db)],
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+) -> JSONResponse:
+    """Book time on an instrument. 409 `overlapping_booking` when taken; retries with one Idempotency-Key are safe."""
+
+    def work(session: Session) -> Outcome:
+        booking = service.reserve_slot(
+            session, actor, body.instrument_id, body.starts_at, body.ends_at, body.purpose
+        )
+        return Outcome(201, BookingRead.of(booking).model_dump(mode="json"))
+
+    print_ = fingerprint("POST", request.url.path, body.model_dump(mode="json"))
+    return _json(run_idempotent(db, actor.user_id, idempotency_key, print_, work))
+
+
+@router.get("/bookings", response_model=BookingPage, responses=ERRORS)
+def list_my_bookings(
+    actor: Annotated[Actor, Depends(api_actor)],
+    db: Annotated[Database, Depends(get_db)],
+    status: BookingStatus | None = None,
+    upcoming: bool = False,
+    limit: Annotated[int, Query(ge=1, le=100)] = 50,
+    cursor: Annotated[str | None, Query(max_length=500)] = None,
+) -> BookingPage:
+    """The caller's bookings by start time."""
+    with db.unit_of_work(write=False) as session:
+        rows, next_cursor = service.list_bookings(
+            session, actor, status=status, upcoming=upcoming, limit=limit, cursor=cursor
+        )
+        return BookingPage(items=[BookingRead.of(b) for b in rows], next_cursor=next_cursor)
+
+
+@router.get("/bookings/{booking_id}", response_model=BookingRead, responses=ERRORS)
+def get_booking(
+    booking_id: int, actor: Annotated[Actor, Depends(api_actor)], db: Annotated[Database, Depends(get_db)]
+) -> BookingRead:
+    """One of the caller's bookings; anyone else's is 404."""
+    with db.unit_of_work(write=False) as session:
+        return BookingRead.of(service.get_booking(session, actor, booking_id))
+
+
+@router.post("/bookings/{booking_id}/cancel", response_model=BookingRead, responses=ERRORS)
+def cancel_booking(
+    booking_id: int,
+    request: Request,
+    actor: Annotated[Actor, Depends(api_actor)],
+    db: Annotated[Database, Depends(get_db)],
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+) -> JSONResponse:
+    """Cancel one of the caller's bookings; its time becomes free at once."""
+
+    def work(session: Session) -> Outcome:
+        booking = service.cancel_booking(session, actor, booking_id)
+        return Outcome(200, BookingRead.of(booking).model_dump(mode="json"))
+
+    print_ = fingerprint("POST", request.url.path, None)
+    return _json(run_idempotent(db, actor.user_id, idempotency_key, print_, work))
+
+

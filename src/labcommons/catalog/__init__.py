@@ -1,0 +1,1 @@
+"""The shared catalogue: regions, institutions, facilities, instruments and services."""

@@ -1,0 +1,226 @@
+"""The `labcommons` command line (Typer + Rich)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from labcommons.config import get_settings
+from labcommons.db import Database
+from labcommons.errors import DomainError
+
+app = typer.Typer(help="LabCommons: shared instruments and services across regions.", no_args_is_help=True)
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+users_app = typer.Typer(help="User accounts.", no_args_is_help=True)
+tokens_app = typer.Typer(help="API tokens.", no_args_is_help=True)
+import_app = typer.Typer(help="Bulk imports.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(users_app, name="users")
+app.add_typer(tokens_app, name="tokens")
+app.add_typer(import_app, name="import")
+
+console = Console()
+err = Console(stderr=True)
+
+
+def _database() -> Database:
+    settings = get_settings()
+    return Database.from_url(settings.database_url, busy_timeout=settings.sqlite_busy_timeout_seconds)
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        console=err,
+    )
+
+
+def _fail(exc: DomainError) -> typer.Exit:
+    err.print(f"[red]error:[/red] {exc.message}" + (f" (field: {exc.field})" if exc.field else ""))
+    return typer.Exit(code=2)
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: str = "head") -> None:
+    """Create or migrate the database at LABCOMMONS_DATABASE_URL."""
+    from labcommons.migrations import upgrade
+
+    db = _database()
+    upgrade(db.engine, revision)
+    console.print(f"database at [bold]{db.engine.url.render_as_string(hide_password=True)}[/bold] is up to date")
+
+
+@app.command("seed-demo")
+def seed_demo(bookings: int = 300) -> None:
+    """Load the demo catalogue, users and bookings into an empty database; print the demo logins."""
+    from labcommons.catalog import demo
+    from labcommons.identity import service as identity
+    from labcommons.migrations import upgrade
+
+    db = _database()
+    upgrade(db.engine)
+    with db.unit_of_work() as session:
+        if demo.is_seeded(session):
+            console.print("the database already holds a catalogue; issuing fresh demo tokens")
+            logins = []
+            for entry in demo.demo_data()["users"]:
+                user = identity.find_user(session, entry["email"])
+                logins.append((user.email, entry["password"], identity.rotate_api_token(session, user, name="demo")))
+        else:
+            seeded = demo.seed_demo(session, bookings=bookings)
+            logins = seeded.users
+            console.print(
+                f"loaded {seeded.instruments} instruments, {seeded.services} services, "
+                f"{seeded.bookings} bookings"
+            )
+    console.print("[bold]Demo users[/bold] (sign in at /login with the password, or send the API token as "
+                  "'Authorization: Bearer <token>'):")
+    for email, password, token in logins:
+        console.print(f"  {email}  password: {password}  token: {token}", soft_wrap=True, highlight=False)
+
+
+def _serve(host: str, port: int, workers: int) -> None:
+    import uvicorn
+
+    if workers > 1:
+        uvicorn.run("labcommons.asgi:app", host=host, port=port, workers=workers, log_level="info")
+    else:
+        from labcommons.app import create_app
+
+        uvicorn.run(create_app(), host=host, port=port, log_level="info")
+
+
+@app.command("serve")
+def serve(
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    workers: Annotated[int, typer.Option(min=1, help="Worker processes")] = 1,
+) -> None:
+    """Serve the web pages and the API."""
+    _serve(host, port, workers)
+
+
+@app.command("demo")
+def demo_command(host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Create the database, load the demo if it is empty, and serve it."""
+    seed_demo(bookings=300)
+    console.print(f"serving on [bold]http://{host}:{port}[/bold] (API docs at /api/v1/docs)")
+    _serve(host, port, 1)
+
+
+@users_app.command("add")
+def users_add(
+    email: Annotated[str, typer.Option()],
+    name: Annotated[str, typer.Option()],
+    institution: Annotated[str, typer.Option(help="Institution code")],
+    password: Annotated[str | None, typer.Option(help="Local password (optional)")] = None,
+) -> None:
+    """Add a user to an institution."""
+    from labcommons.identity import service as identity
+
+    db = _database()
+    try:
+        with db.unit_of_work() as session:
+            user = identity.create_user(
+                session, email=email, name=name, institution_code=institution, password=password
+            )
+            console.print(f"user {user.id} <{user.email}> added")
+    except DomainError as exc:
+        raise _fail(exc) from exc
+
+
+@users_app.command("list")
+def users_list() -> None:
+    """List users."""
+    from labcommons.identity import service as identity
+
+    table = Table()
+    for column in ("id", "e-mail", "name", "institution"):
+        table.add_column(column)
+    with _database().unit_of_work(write=False) as session:
+        for user in identity.list_users(session):
+            table.add_row(str(user.id), user.email, user.name, user.institution.code)
+    console.print(table)
+
+
+@tokens_app.command("create")
+def tokens_create(
+    email: Annotated[str, typer.Option()],
+    name: Annotated[str, typer.Option(help="What the token is for")] = "cli",
+    days: Annotated[int | None, typer.Option(help="Expire after this many days")] = None,
+) -> None:
+    """Create an API token for a user and print it once (only its hash is stored)."""
+    from datetime import timedelta
+
+    from labcommons.db import utcnow
+    from labcommons.identity import service as identity
+
+    try:
+        with _database().unit_of_work() as session:
+            user = identity.find_user(session, email)
+            expires = utcnow() + timedelta(days=days) if days else None
+            token = identity.create_api_token(session, user, name=name, expires_at=expires)
+    except DomainError as exc:
+        raise _fail(exc) from exc
+    typer.echo(token)
+
+
+@import_app.command("instruments")
+def import_instruments(path: Annotated[Path, typer.Argument(exists=True, dir_okay=False, readable=True)]) -> None:
+    """Import instruments from CSV or XLSX: good rows land, bad rows are listed by line number."""
+    from labcommons.catalog.importer import import_instruments as run_import
+
+    with _progress() as progress:
+        task = progress.add_task("importing", total=None)
+
+        def advance(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        try:
+            report = run_import(_database(), path, progress=advance)
+        except DomainError as exc:
+            raise _fail(exc) from exc
+    console.print(f"{report.created} created, {report.updated} updated, {len(report.errors)} rejected")
+    if report.errors:
+        table = Table(title="Rejected rows")
+        for column in ("line", "field", "problem"):
+            table.add_column(column)
+        for error in report.errors:
+            table.add_row(str(error.line), error.field or "", error.message)
+        console.print(table)
+        raise typer.Exit(code=1)
+
+
+@app.command("seed-synthetic")
+def seed_synthetic(
+    instruments: Annotated[int, typer.Option(min=1)] = 1000,
+    bookings: Annotated[int, typer.Option(min=0)] = 10000,
+    seed: int = 1,
+) -> None:
+    """Fill the database with synthetic instruments and bookings for benchmarks."""
+    from labcommons.synthetic import seed_synthetic as run_seed
+
+    with _progress() as progress:
+        tasks: dict[str, int] = {}
+
+        def advance(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = progress.add_task(stage, total=total)
+            progress.update(tasks[stage], completed=done, total=total)
+
+        run_seed(_database(), instruments=instruments, bookings=bookings, seed=seed, progress=advance)
+
+
+def main() -> None:
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Request plumbing shared by the API and the pages: the database, the caller, error mapping."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from labcommons.actor import Actor
+from labcommons.db import Database
+from labcommons.errors import DomainError, Unauthenticated
+from labcommons.identity import service as identity
+
+log = logging.getLogger("labcommons")
+
+
+def get_db(request: Request) -> Database:
+    """The app's database (built in the lifespan)."""
+    return request.app.state.db  # type: ignore[no-any-return]
+
+
+def api_actor(request: Request) -> Actor:
+    """The caller of an API request, from its bearer token; Unauthenticated without one."""
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        # Browsers signed in to the pages may call the API with their session cookie.
+        actor = page_actor(request)
+        if actor is not None:
+            return actor
+        raise Unauthenticated("Send an API token as 'Authorization: Bearer <token>'.")
+    with get_db(request).unit_of_work(write=False) as session:
+        return identity.authenticate_token(session, token.strip())
+
+
+SESSION_COOKIE = "labcommons_session"
+
+
+def page_actor(request: Request) -> Actor | None:
+    """The signed-in browser user, or None."""
+    cached = getattr(request.state, "actor", False)
+    if cached is not False:
+        return cached  # type: ignore[no-any-return]
+    token = request.cookies.get(SESSION_COOKIE)
+    actor = None
+    if token:
+        with get_db(request).unit_of_work(write=False) as session:
+            actor = identity.actor_for_web_session(session, token)
+    request.state.actor = actor
+    return actor
+
+
+def _field_of(loc: tuple[Any, ...] | list[Any]) -> str | None:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header", "cookie")]
+    return ".".join(parts) or None
+
+
+def _wants_json(request: Request) -> bool:
+    return request.url.path.startswith("/api/")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Map domain errors, validation errors and HTTP errors to one JSON shape under /api."""
+
+    @app.exception_handler(DomainError)
+    async def _domain(request: Request, exc: DomainError) -> Response:
+        if not _wants_json(request):
+            from labcommons.pages import render_error
+
+            return render_error(request, exc.status_code, exc.message)
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
+        return JSONResponse(exc.body(), status_code=exc.status_code, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> Response:
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        field = _field_of(first.get("loc", ()))
+        message = str(first.get("msg", "Invalid input."))
+        if first.get("type") == "missing":
+            code = "missing_field"
+        elif first.get("type") == "json_invalid":
+            code, field = "invalid_json", None
+        else:
+            code = "invalid_input"
+        body = {
+            "error": code,
+            "message": f"{field}: {message}" if field else message,
+            "field": field,
+            "errors": [{"field": _field_of(e.get("loc", ())), "message": str(e.get("msg"))} for e in errors],
+        }
+        if not _wants_json(request):
+            from labcommons.pages import render_error
+
+            return render_error(request, 422, body["message"])
+        return JSONResponse(body, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        codes = {404: "not_found", 405: "method_not_allowed", 401: "unauthenticated", 403: "forbidden"}
+        if not _wants_json(request):
+            from labcommons.pages import render_error
+
+            return render_error(request, exc.status_code, str(exc.detail))
+        return JSONResponse(
+            {"error": codes.get(exc.status_code, "http_error"), "message": str(exc.detail), "field": None},
+            status_code=exc.status_code, headers=getattr(exc, "headers", None),
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return JSONResponse(
+            {"error": "internal_error", "message": "Something went wrong on our side.", "field": None},
+            status_code=500,
+        )

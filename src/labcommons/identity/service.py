@@ -1,0 +1,171 @@
+"""Users, bearer API tokens, local passwords and browser sessions."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, joinedload
+
+from labcommons.actor import Actor
+from labcommons.catalog.models import Institution
+from labcommons.db import utcnow
+from labcommons.errors import Conflict, InvalidInput, NotFound, Unauthenticated
+from labcommons.identity.models import ApiToken, User, WebSession
+
+TOKEN_PREFIX = "lc_"
+SESSION_LIFETIME = timedelta(days=14)
+_hasher = PasswordHasher()
+
+
+def _digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def actor_for(user: User) -> Actor:
+    """The Actor of a user whose institution is loaded."""
+    return Actor(
+        user_id=user.id, email=user.email, name=user.name, institution_id=user.institution_id,
+        region_code=user.institution.region_code, locale=user.locale, timezone=user.timezone,
+    )
+
+
+def _normalise_email(email: str) -> str:
+    email = email.strip().lower()
+    local, _, domain = email.partition("@")
+    if not local or "." not in domain or len(email) > 254 or any(c.isspace() for c in email):
+        raise InvalidInput("That is not an e-mail address.", field="email", code="invalid_email")
+    return email
+
+
+def create_user(
+    session: Session, *, email: str, name: str, institution_code: str, password: str | None = None
+) -> User:
+    """A new user of an institution; Conflict if the e-mail is taken."""
+    email = _normalise_email(email)
+    if not name.strip():
+        raise InvalidInput("A name is required.", field="name", code="missing_field")
+    institution = session.scalars(select(Institution).where(Institution.code == institution_code)).first()
+    if institution is None:
+        raise InvalidInput(f"Unknown institution {institution_code!r}.", field="institution",
+                           code="unknown_institution")
+    user = User(email=email, name=name.strip(), institution_id=institution.id,
+                password_hash=_hasher.hash(password) if password else None)
+    try:
+        with session.begin_nested():
+            session.add(user)
+            session.flush()
+    except IntegrityError as exc:
+        raise Conflict(f"A user with e-mail {email} already exists.", field="email") from exc
+    return user
+
+
+def find_user(session: Session, email: str) -> User:
+    user = session.scalars(
+        select(User).where(User.email == email.strip().lower()).options(joinedload(User.institution))
+    ).first()
+    if user is None:
+        raise NotFound(f"No user with e-mail {email}.", field="email")
+    return user
+
+
+def list_users(session: Session) -> Sequence[User]:
+    return session.scalars(select(User).options(joinedload(User.institution)).order_by(User.id)).all()
+
+
+def create_api_token(
+    session: Session, user: User, *, name: str = "", expires_at: datetime | None = None
+) -> str:
+    """Issue a bearer token for a user and return it; only its hash is kept, so it is shown once."""
+    token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    session.add(ApiToken(user_id=user.id, token_hash=_digest(token), name=name, expires_at=expires_at))
+    session.flush()
+    return token
+
+
+def rotate_api_token(session: Session, user: User, *, name: str) -> str:
+    """Revoke the user's live tokens of this name and issue a new one (used for the printed demo tokens)."""
+    now = utcnow()
+    for old in session.scalars(
+        select(ApiToken).where(ApiToken.user_id == user.id, ApiToken.name == name, ApiToken.revoked_at.is_(None))
+    ):
+        old.revoked_at = now
+    return create_api_token(session, user, name=name)
+
+
+def authenticate_token(session: Session, token: str, *, now: datetime | None = None) -> Actor:
+    """The actor behind a bearer token; Unauthenticated if unknown, revoked or expired."""
+    now = now or utcnow()
+    row = session.execute(
+        select(ApiToken, User)
+        .join(User, User.id == ApiToken.user_id)
+        .where(ApiToken.token_hash == _digest(token))
+        .options(joinedload(User.institution))
+    ).first()
+    if row is None:
+        raise Unauthenticated("The API token is not valid.")
+    api_token, user = row
+    if api_token.revoked_at is not None or (api_token.expires_at and api_token.expires_at <= now):
+        raise Unauthenticated("The API token has expired or was revoked.")
+    if not user.is_active:
+        raise Unauthenticated("The account is disabled.")
+    return actor_for(user)
+
+
+def verify_password(session: Session, email: str, password: str) -> User:
+    """The user whose local password this is; Unauthenticated otherwise, without telling which part failed."""
+    try:
+        user = find_user(session, email)
+    except (NotFound, InvalidInput):
+        _hasher.hash(password)  # spend the same time as a real check
+        raise Unauthenticated("Wrong e-mail or password.") from None
+    if not user.password_hash or not user.is_active:
+        raise Unauthenticated("Wrong e-mail or password.")
+    try:
+        _hasher.verify(user.password_hash, password)
+    except (VerificationError, InvalidHashError):
+        raise Unauthenticated("Wrong e-mail or password.") from None
+    return user
+
+
+def start_web_session(session: Session, user: User) -> str:
+    """Open a browser session and return the cookie value."""
+    token = secrets.token_urlsafe(32)
+    session.add(WebSession(user_id=user.id, token_hash=_digest(token), expires_at=utcnow() + SESSION_LIFETIME))
+    session.flush()
+    return token
+
+
+def actor_for_web_session(session: Session, token: str) -> Actor | None:
+    """The actor of a live browser session, or None."""
+    row = session.execute(
+        select(WebSession, User)
+        .join(User, User.id == WebSession.user_id)
+        .where(WebSession.token_hash == _digest(token), WebSession.expires_at > utcnow())
+        .options(joinedload(User.institution))
+    ).first()
+    if row is None or not row[1].is_active:
+        return None
+    return actor_for(row[1])
+
+
+def end_web_session(session: Session, token: str) -> None:
+    for web_session in session.scalars(select(WebSession).where(WebSession.token_hash == _digest(token))):
+        session.delete(web_session)
+    session.flush()
+
+
+def csrf_token(secret: str, session_token: str) -> str:
+    """The CSRF token for forms of one browser session (HMAC of the session cookie)."""
+    return hmac.new(secret.encode(), b"csrf:" + session_token.encode(), hashlib.sha256).hexdigest()
+
+
+def check_csrf(secret: str, session_token: str, given: str) -> bool:
+    return hmac.compare_digest(csrf_token(secret, session_token), given or "")
