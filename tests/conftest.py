@@ -16,6 +16,9 @@ from sqlalchemy.engine import make_url
 from labcommons.db import Base, Database, make_engine
 from labcommons.migrations import upgrade
 
+# Cheap password hashing in tests; must be set before the settings are first read.
+os.environ.setdefault("LABCOMMONS_ARGON2_TIME_COST", "1")
+os.environ.setdefault("LABCOMMONS_ARGON2_MEMORY_KIB", "1024")
 warnings.filterwarnings("ignore", message=".*httpx.*", category=DeprecationWarning)
 
 POSTGRES_ADMIN_URL = os.environ.get(

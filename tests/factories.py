@@ -80,7 +80,7 @@ def build_world(db: Database) -> World:
             "CONF": dict(name_zh="激光共聚焦显微镜", name_en="Confocal microscope", category_code="MIC.CONF",
                          manufacturer="Zeiss", model="LSM 980"),
             "SEQ": dict(name_zh="高通量基因测序仪", name_en="High-throughput sequencer", category_code="GEN.SEQ",
-                        manufacturer="Illumina", model="NovaSeq 6000", slot_minutes=60, min_booking_minutes=60),
+                        manufacturer="Illumina", model="NovaSeq 6000", slot_minutes=60, min_booking_minutes=120),
             "SPATIAL": dict(name_zh="时空组学平台", name_en="Spatial omics platform", category_code="GEN.SPATIAL"),
             "EM": dict(name_zh="冷冻电子显微镜", name_en="Cryo electron microscope", category_code="MIC.EM",
                        status=InstrumentStatus.maintenance),

@@ -20,6 +20,9 @@ class Settings(BaseSettings):
     sqlite_busy_timeout_seconds: float = 30.0
     db_pool_size: int = 10
     max_page_size: int = 100
+    # Argon2id cost of local passwords (RFC 9106 "second recommended" defaults); tests lower them for speed.
+    argon2_time_cost: int = 3
+    argon2_memory_kib: int = 65536
 
 
 @lru_cache

@@ -11,7 +11,6 @@ from sqlalchemy import DateTime, Engine, MetaData, create_engine, event
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.sql.compiler import SQLCompiler
-from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.sql.functions import FunctionElement
 from sqlalchemy.types import TypeDecorator
 
@@ -59,14 +58,14 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.astimezone(UTC)
 
 
-class add_minutes(FunctionElement[datetime]):  # noqa: N801 - reads as a SQL function
+class add_minutes(FunctionElement[datetime]):
     """`timestamp + N minutes` in SQL, for either dialect."""
 
     inherit_cache = True
     type = UTCDateTime()
 
-    def __init__(self, column: ColumnElement[Any], minutes: ColumnElement[Any] | int) -> None:
-        super().__init__(column, minutes)  # type: ignore[arg-type]
+    def __init__(self, column: Any, minutes: Any) -> None:
+        super().__init__(column, minutes)
 
 
 @compiles(add_minutes, "postgresql")

@@ -20,7 +20,8 @@ log = logging.getLogger("labcommons")
 
 def get_db(request: Request) -> Database:
     """The app's database (built in the lifespan)."""
-    return request.app.state.db  # type: ignore[no-any-return]
+    db: Database = request.app.state.db
+    return db
 
 
 def api_actor(request: Request) -> Actor:
@@ -42,9 +43,9 @@ SESSION_COOKIE = "labcommons_session"
 
 def page_actor(request: Request) -> Actor | None:
     """The signed-in browser user, or None."""
-    cached = getattr(request.state, "actor", False)
-    if cached is not False:
-        return cached  # type: ignore[no-any-return]
+    if hasattr(request.state, "actor"):
+        cached: Actor | None = request.state.actor
+        return cached
     token = request.cookies.get(SESSION_COOKIE)
     actor = None
     if token:
@@ -71,7 +72,7 @@ def install_error_handlers(app: FastAPI) -> None:
         if not _wants_json(request):
             from labcommons.pages import render_error
 
-            return render_error(request, exc.status_code, exc.message)
+            return render_error(request, exc.status_code, exc.message, code=exc.code)
         headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
         return JSONResponse(exc.body(), status_code=exc.status_code, headers=headers)
 
@@ -96,7 +97,7 @@ def install_error_handlers(app: FastAPI) -> None:
         if not _wants_json(request):
             from labcommons.pages import render_error
 
-            return render_error(request, 422, body["message"])
+            return render_error(request, 422, str(body["message"]))
         return JSONResponse(body, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
@@ -114,6 +115,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
+        if not _wants_json(request):
+            from labcommons.pages import render_error
+
+            return render_error(request, 500, "Something went wrong on our side.")
         return JSONResponse(
             {"error": "internal_error", "message": "Something went wrong on our side.", "field": None},
             status_code=500,

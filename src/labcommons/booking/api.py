@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import JSONResponse
@@ -21,7 +21,7 @@ from labcommons.idempotency import Outcome, fingerprint, run_idempotent
 
 router = APIRouter(tags=["booking"])
 
-ERRORS = {
+ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"description": "No valid API token"},
     404: {"description": "Unknown instrument or booking"},
     409: {"description": "Conflicts with the current state, e.g. overlapping_booking"},
@@ -90,14 +90,14 @@ def list_my_bookings(
     actor: Annotated[Actor, Depends(api_actor)],
     db: Annotated[Database, Depends(get_db)],
     status: BookingStatus | None = None,
-    upcoming: bool = False,
+    period: service.BookingPeriod = service.BookingPeriod.all,
     limit: Annotated[int, Query(ge=1, le=100)] = 50,
     cursor: Annotated[str | None, Query(max_length=500)] = None,
 ) -> BookingPage:
-    """The caller's bookings by start time."""
+    """The caller's bookings: all or upcoming by start time, past newest first."""
     with db.unit_of_work(write=False) as session:
         rows, next_cursor = service.list_bookings(
-            session, actor, status=status, upcoming=upcoming, limit=limit, cursor=cursor
+            session, actor, status=status, period=period, limit=limit, cursor=cursor
         )
         return BookingPage(items=[BookingRead.of(b) for b in rows], next_cursor=next_cursor)
 

@@ -6,6 +6,7 @@ database's refusal into `OverlappingBooking` and checks every other rule before 
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -218,17 +219,26 @@ def cancel_booking(
     return booking
 
 
+class BookingPeriod(enum.StrEnum):
+    """Which of a user's bookings to list: all by start, upcoming soonest first, past newest first."""
+
+    all = "all"
+    upcoming = "upcoming"
+    past = "past"
+
+
 def list_bookings(
     session: Session,
     actor: Actor,
     *,
     status: BookingStatus | None = None,
-    upcoming: bool = False,
+    period: BookingPeriod = BookingPeriod.all,
     limit: int = 50,
     cursor: str | None = None,
     now: datetime | None = None,
 ) -> tuple[list[Booking], str | None]:
-    """The actor's bookings by start time, one page and the cursor of the next."""
+    """The actor's bookings, one page and the cursor of the next; past bookings come newest first."""
+    now = now or utcnow()
     stmt = (
         select(Booking)
         .where(Booking.user_id == actor.user_id)
@@ -236,18 +246,26 @@ def list_bookings(
     )
     if status is not None:
         stmt = stmt.where(Booking.status == status)
-    if upcoming:
-        stmt = stmt.where(Booking.ends_at > (now or utcnow()))
+    if period == BookingPeriod.upcoming:
+        stmt = stmt.where(Booking.ends_at > now)
+    elif period == BookingPeriod.past:
+        stmt = stmt.where(Booking.ends_at <= now)
+    newest_first = period == BookingPeriod.past
     if cursor:
         last_start, last_id = decode_cursor(cursor, 2)
         try:
             last_start_at = datetime.fromisoformat(last_start)
+            last_id = int(last_id)
         except (TypeError, ValueError) as exc:
             raise InvalidInput("The cursor is not valid.", field="cursor", code="invalid_cursor") from exc
-        stmt = stmt.where(
-            or_(Booking.starts_at > last_start_at, and_(Booking.starts_at == last_start_at, Booking.id > last_id))
-        )
-    rows = list(session.scalars(stmt.order_by(Booking.starts_at, Booking.id).limit(limit + 1)))
+        if newest_first:
+            stmt = stmt.where(or_(Booking.starts_at < last_start_at,
+                                  and_(Booking.starts_at == last_start_at, Booking.id < last_id)))
+        else:
+            stmt = stmt.where(or_(Booking.starts_at > last_start_at,
+                                  and_(Booking.starts_at == last_start_at, Booking.id > last_id)))
+    order = [Booking.starts_at.desc(), Booking.id.desc()] if newest_first else [Booking.starts_at, Booking.id]
+    rows = list(session.scalars(stmt.order_by(*order).limit(limit + 1)))
     next_cursor = None
     if len(rows) > limit:
         rows = rows[:limit]
@@ -364,7 +382,9 @@ def earliest_slots(
     )
     latest_wanted = max(found.values()) if len(found) >= limit else until
     rows = session.execute(
-        candidates(select(Booking.instrument_id, Booking.ends_at).join(Instrument, Instrument.id == Booking.instrument_id))
+        candidates(
+            select(Booking.instrument_id, Booking.ends_at).join(Instrument, Instrument.id == Booking.instrument_id)
+        )
         .where(
             Booking.status.in_(ACTIVE_STATUSES),
             Booking.ends_at > after,

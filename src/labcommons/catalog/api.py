@@ -9,7 +9,14 @@ from pydantic import AwareDatetime
 
 from labcommons.catalog import service
 from labcommons.catalog.models import InstrumentStatus, ServiceKind
-from labcommons.catalog.schemas import FacetValueRead, InstrumentPage, InstrumentRead, InstrumentSummary, Named, ServiceRead
+from labcommons.catalog.schemas import (
+    FacetValueRead,
+    InstrumentPage,
+    InstrumentRead,
+    InstrumentSummary,
+    Named,
+    ServiceRead,
+)
 from labcommons.db import Database
 from labcommons.http import get_db
 
@@ -21,7 +28,9 @@ def search_instruments(
     db: Annotated[Database, Depends(get_db)],
     q: Annotated[str, Query(max_length=200, description="Keywords in Chinese or English")] = "",
     region: Annotated[str | None, Query(max_length=16)] = None,
-    category: Annotated[str | None, Query(max_length=32, description="A taxonomy code; a parent matches its children")] = None,
+    category: Annotated[
+        str | None, Query(max_length=32, description="A taxonomy code; a parent matches its children")
+    ] = None,
     institution: Annotated[str | None, Query(max_length=40, description="An institution code")] = None,
     status: InstrumentStatus | None = None,
     free_from: AwareDatetime | None = None,

@@ -158,7 +158,7 @@ def text_match(session: Session, q: str) -> tuple[Any, Any] | None:
     if session.get_bind().dialect.name == "postgresql":
         tsquery = " & ".join(f"'{token}'" + (":*" if prefix else "") for token, prefix in terms)
         query = func.to_tsquery(literal_column("'simple'"), tsquery)
-        vector = literal_column("instrument.search_vector")
+        vector: ColumnElement[Any] = literal_column("instrument.search_vector")
         sub = (
             select(Instrument.id.label("id"), (-func.ts_rank(vector, query)).label("rank"))
             .where(vector.op("@@")(query))
@@ -224,14 +224,14 @@ def search_instruments(
     """One page of instruments matching `query`, best match first (by id without text), with a cursor."""
     _validate(query)
     match = text_match(session, query.q)
-    stmt: Select[Any]
+    stmt: Select[tuple[Instrument, Any]]
     if match is not None:
         sub, rank = match
         stmt = select(Instrument, rank).join(sub, sub.c.id == Instrument.id)
         order = [rank, Instrument.id]
     else:
         rank = None
-        stmt = select(Instrument, literal_column("0.0"))
+        stmt = select(Instrument, literal_column("0.0"))  # type: ignore[assignment]
         order = [Instrument.id]
     stmt = stmt.where(*instrument_filters(query))
     if cursor:

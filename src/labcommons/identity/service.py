@@ -7,6 +7,7 @@ import hmac
 import secrets
 from collections.abc import Sequence
 from datetime import datetime, timedelta
+from functools import cache
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
@@ -16,13 +17,19 @@ from sqlalchemy.orm import Session, joinedload
 
 from labcommons.actor import Actor
 from labcommons.catalog.models import Institution
+from labcommons.config import get_settings
 from labcommons.db import utcnow
 from labcommons.errors import Conflict, InvalidInput, NotFound, Unauthenticated
 from labcommons.identity.models import ApiToken, User, WebSession
 
 TOKEN_PREFIX = "lc_"
 SESSION_LIFETIME = timedelta(days=14)
-_hasher = PasswordHasher()
+
+
+@cache
+def _hasher() -> PasswordHasher:
+    settings = get_settings()
+    return PasswordHasher(time_cost=settings.argon2_time_cost, memory_cost=settings.argon2_memory_kib)
 
 
 def _digest(token: str) -> str:
@@ -57,7 +64,7 @@ def create_user(
         raise InvalidInput(f"Unknown institution {institution_code!r}.", field="institution",
                            code="unknown_institution")
     user = User(email=email, name=name.strip(), institution_id=institution.id,
-                password_hash=_hasher.hash(password) if password else None)
+                password_hash=_hasher().hash(password) if password else None)
     try:
         with session.begin_nested():
             session.add(user)
@@ -124,12 +131,12 @@ def verify_password(session: Session, email: str, password: str) -> User:
     try:
         user = find_user(session, email)
     except (NotFound, InvalidInput):
-        _hasher.hash(password)  # spend the same time as a real check
+        _hasher().hash(password)  # spend the same time as a real check
         raise Unauthenticated("Wrong e-mail or password.") from None
     if not user.password_hash or not user.is_active:
         raise Unauthenticated("Wrong e-mail or password.")
     try:
-        _hasher.verify(user.password_hash, password)
+        _hasher().verify(user.password_hash, password)
     except (VerificationError, InvalidHashError):
         raise Unauthenticated("Wrong e-mail or password.") from None
     return user
