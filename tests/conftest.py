@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +18,6 @@ from labcommons.migrations import upgrade
 # Cheap password hashing in tests; must be set before the settings are first read.
 os.environ.setdefault("LABCOMMONS_ARGON2_TIME_COST", "1")
 os.environ.setdefault("LABCOMMONS_ARGON2_MEMORY_KIB", "1024")
-warnings.filterwarnings("ignore", message=".*httpx.*", category=DeprecationWarning)
 
 POSTGRES_ADMIN_URL = os.environ.get(
     "LABCOMMONS_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"

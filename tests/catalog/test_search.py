@@ -118,7 +118,7 @@ def test_cursor_pagination_visits_every_match_once(world: World, q: str) -> None
     everything = set(codes(world, q=q, limit=100))
     seen: list[str] = []
     cursor = None
-    while True:
+    for _page in range(20):  # bounded: a cursor that fails to advance must fail the test, not hang it
         params: dict[str, Any] = {"q": q, "limit": 5}
         if cursor:
             params["cursor"] = cursor
@@ -127,6 +127,8 @@ def test_cursor_pagination_visits_every_match_once(world: World, q: str) -> None
         cursor = page["next_cursor"]
         if not cursor:
             break
+    else:
+        pytest.fail(f"pagination did not end; saw {len(seen)} items")
     assert len(seen) == len(set(seen)) == len(everything) and set(seen) == everything
     assert len(everything) >= 23
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, and_, func, literal_column, or_, select, text, true
+from sqlalchemy import ColumnElement, Double, Select, and_, cast, func, literal_column, or_, select, text, true
 from sqlalchemy.orm import Session, joinedload
 
 from labcommons.catalog.models import (
@@ -160,7 +160,8 @@ def text_match(session: Session, q: str) -> tuple[Any, Any] | None:
         query = func.to_tsquery(literal_column("'simple'"), tsquery)
         vector: ColumnElement[Any] = literal_column("instrument.search_vector")
         sub = (
-            select(Instrument.id.label("id"), (-func.ts_rank(vector, query)).label("rank"))
+            # ts_rank is a float4; as float8 its text form round-trips exactly, which keyset cursors need.
+            select(Instrument.id.label("id"), (-cast(func.ts_rank(vector, query), Double)).label("rank"))
             .where(vector.op("@@")(query))
             .subquery("fts")
         )
