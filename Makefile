@@ -32,7 +32,7 @@ browser:
 	  else echo "chromium is missing: run 'sudo apt-get install -y chromium'" >&2; exit 1; fi; }
 
 lint: $(VENV)/.stamp-dev
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests $(wildcard bench)
 
 typecheck: $(VENV)/.stamp-dev
 	$(BIN)/mypy
