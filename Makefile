@@ -41,6 +41,7 @@ test: $(VENV)/.stamp-dev browser lint typecheck
 	$(BIN)/pytest -n 2 --dist loadgroup
 
 bench: $(VENV)/.stamp-dev
+	@command -v wrk >/dev/null 2>&1 || { if [ "$$(id -u)" = "0" ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q wrk; else echo "wrk missing: falling back to the asyncio client" >&2; fi; }
 	$(BIN)/python bench/run.py
 
 clean:
