@@ -9,19 +9,15 @@ from __future__ import annotations
 
 import os
 import re
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
-import httpx
 import pytest
 
 from labcommons.catalog.service import get_instrument
 from tests.factories import World, next_grid_day
+from tests.server import running_server
 
 playwright_api = pytest.importorskip("playwright.sync_api")
 
@@ -37,46 +33,11 @@ pytestmark = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
-def server(world: World, db_url: str, tmp_path: Path) -> Iterator[str]:
+def server(world: World, db_url: str) -> Iterator[str]:
     """`uvicorn labcommons.asgi:app` on a free loopback port, serving the test database."""
-    port = _free_port()
-    log_path = tmp_path / "uvicorn.log"
-    log = log_path.open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "labcommons.asgi:app", "--host", "127.0.0.1", "--port", str(port),
-         "--log-level", "warning"],
-        env=os.environ | {"LABCOMMONS_DATABASE_URL": db_url}, stdout=log, stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"uvicorn exited with {proc.returncode}:\n{log_path.read_text()}")
-            try:
-                if httpx.get(f"{base}/api/v1/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("uvicorn did not become healthy within 60 s")
-            time.sleep(0.1)
+    with running_server(db_url) as base:
         yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 @pytest.fixture
