@@ -2,17 +2,32 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Grant:
+    """One role of the actor over one scope; exactly one of the scope fields is set, none for platform roles."""
+
+    role: str
+    facility_id: int | None = None
+    institution_id: int | None = None
+    region_code: str | None = None
 
 
 @dataclass(frozen=True)
 class Actor:
-    """An authenticated user as services need them: who, and where they belong."""
+    """An authenticated user as services need them: who, where they belong, what roles they hold.
+
+    `scopes` is None for a browser session (everything the roles allow) and the token's scopes for an API token.
+    """
 
     user_id: int
     email: str
     name: str
-    institution_id: int
+    institution_id: int | None
     region_code: str
     locale: str | None = None
     timezone: str | None = None
+    grants: tuple[Grant, ...] = field(default=())
+    scopes: frozenset[str] | None = None

@@ -62,11 +62,19 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
 
     from labcommons.booking.pages import router as booking_pages
     from labcommons.catalog.pages import router as catalog_pages
+    from labcommons.identity.account_pages import router as account_pages
+    from labcommons.identity.admin_pages import router as admin_pages
+    from labcommons.identity.federation_pages import router as federation_pages
     from labcommons.identity.pages import router as identity_pages
+    from labcommons.identity.provider_pages import router as provider_pages
 
     app.include_router(catalog_pages)
     app.include_router(booking_pages)
     app.include_router(identity_pages)
+    app.include_router(federation_pages)
+    app.include_router(provider_pages)
+    app.include_router(account_pages)
+    app.include_router(admin_pages)
     app.mount("/static", StaticFiles(directory=Path(__file__).parent / "static"), name="static")
 
     @app.middleware("http")

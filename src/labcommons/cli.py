@@ -7,12 +7,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from labcommons.config import get_settings
-from labcommons.db import Database
+from labcommons.cli_support import console, database, err, fail
 from labcommons.errors import DomainError
 
 app = typer.Typer(help="LabCommons: shared instruments and services across regions.", no_args_is_help=True)
@@ -25,13 +23,20 @@ app.add_typer(users_app, name="users")
 app.add_typer(tokens_app, name="tokens")
 app.add_typer(import_app, name="import")
 
-console = Console()
-err = Console(stderr=True)
+
+def _add_identity_commands() -> None:
+    from labcommons.identity import cli_idp, cli_oidc, cli_roles
+
+    app.add_typer(cli_idp.app, name="idp", help="Upstream OpenID Connect identity providers.")
+    app.add_typer(cli_oidc.app, name="oidc-client", help="Member systems that sign in through the platform.")
+    app.add_typer(cli_oidc.keys_app, name="oidc-keys", help="Keys that sign the platform's ID tokens.")
+    app.add_typer(cli_roles.app, name="roles", help="Role grants.")
 
 
-def _database() -> Database:
-    settings = get_settings()
-    return Database.from_url(settings.database_url, busy_timeout=settings.sqlite_busy_timeout_seconds)
+_add_identity_commands()
+
+_database = database
+_fail = fail
 
 
 def _progress() -> Progress:
@@ -39,11 +44,6 @@ def _progress() -> Progress:
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
         console=err,
     )
-
-
-def _fail(exc: DomainError) -> typer.Exit:
-    err.print(f"[red]error:[/red] {exc.message}" + (f" (field: {exc.field})" if exc.field else ""))
-    return typer.Exit(code=2)
 
 
 @db_app.command("upgrade")
@@ -145,7 +145,7 @@ def users_list() -> None:
         table.add_column(column)
     with _database().unit_of_work(write=False) as session:
         for user in identity.list_users(session):
-            table.add_row(str(user.id), user.email, user.name, user.institution.code)
+            table.add_row(str(user.id), user.email, user.name, user.institution.code if user.institution else "—")
     console.print(table)
 
 

@@ -24,6 +24,33 @@ class Settings(BaseSettings):
     argon2_time_cost: int = 3
     argon2_memory_kib: int = 65536
 
+    # Where users reach the platform; links in e-mails and the OpenID Connect issuer are built from it.
+    public_base_url: str = "http://127.0.0.1:8000"
+    # Local e-mail/password accounts; large deployments may switch them off and rely on federation only.
+    local_login_enabled: bool = True
+    # Sign-in throttling: this many failures per e-mail or per client address within the window lock it out.
+    login_max_failures: int = 5
+    login_window_seconds: int = 900
+    login_lockout_seconds: int = 900
+    password_reset_lifetime_seconds: int = 3600
+
+    # Outgoing mail. "smtp" sends through smtp_host; "console" logs messages (the embedded demo).
+    mail_backend: str = "console"
+    smtp_host: str = "127.0.0.1"
+    smtp_port: int = 25
+    smtp_username: str = ""
+    smtp_password: str = ""
+    smtp_starttls: bool = False
+    mail_from: str = "LabCommons <noreply@labcommons.local>"
+
+    # The platform as OpenID Connect provider.
+    oidc_code_lifetime_seconds: int = 60
+    oidc_token_lifetime_seconds: int = 3600
+    # A retired signing key stays in the JWKS this long, so tokens it signed still verify.
+    oidc_key_grace_seconds: int = 86400
+    # Upstream providers: plain-HTTP issuers are allowed only on loopback (demo and tests).
+    oidc_http_timeout_seconds: float = 10.0
+
 
 @lru_cache
 def get_settings() -> Settings:

@@ -3,9 +3,26 @@
 from labcommons.booking.models import Booking, IdempotencyRecord
 from labcommons.catalog.models import Category, Facility, Institution, Instrument, Region, Service
 from labcommons.db import Base
-from labcommons.identity.models import ApiToken, User, WebSession
+from labcommons.identity.models import (
+    ApiToken,
+    ExternalIdentity,
+    IdentityProvider,
+    LoginState,
+    LoginThrottle,
+    OidcAccessToken,
+    OidcAuthorizationCode,
+    OidcClient,
+    OidcConsent,
+    PasswordReset,
+    RoleGrant,
+    SigningKey,
+    User,
+    WebSession,
+)
 
 __all__ = [
-    "ApiToken", "Base", "Booking", "Category", "Facility", "IdempotencyRecord", "Institution", "Instrument",
-    "Region", "Service", "User", "WebSession",
+    "ApiToken", "Base", "Booking", "Category", "ExternalIdentity", "Facility", "IdempotencyRecord",
+    "IdentityProvider", "Institution", "Instrument", "LoginState", "LoginThrottle", "OidcAccessToken",
+    "OidcAuthorizationCode", "OidcClient", "OidcConsent", "PasswordReset", "Region", "RoleGrant", "Service",
+    "SigningKey", "User", "WebSession",
 ]

@@ -415,7 +415,8 @@ def _ensure_users(
     """User ids by institution id."""
     wanted = [
         {"email": f"syn{k}.{inst.code.lower()}@synthetic.example.org", "name": f"Synthetic user {k}",
-         "institution_id": inst.id, "password_hash": None, "is_active": True, "created_at": day}
+         "institution_id": inst.id, "region_code": inst.region_code, "password_hash": None, "is_active": True,
+         "created_at": day}
         for inst in institutions
         for k in range(USERS_PER_INSTITUTION)
     ]
@@ -430,7 +431,8 @@ def _ensure_users(
         .where(User.email.like("%@synthetic.example.org"))
         .order_by(User.id)
     ):
-        users.setdefault(institution_id, []).append(user_id)
+        if institution_id is not None:
+            users.setdefault(institution_id, []).append(user_id)
     return users
 
 

@@ -127,7 +127,6 @@ def _book_ahead(
 ) -> int:
     """Confirmed bookings over the next four weeks in working hours (Beijing time), none overlapping."""
     rng = random.Random(rng_seed)
-    region_of = {i.id: i.region_code for i in institutions.values()}
     bookable = [i for i in instruments if i.status == InstrumentStatus.active]
     taken: dict[int, list[tuple[datetime, datetime]]] = {}
     today = now.astimezone(DEMO_ZONE).replace(hour=0, minute=0, second=0, microsecond=0)
@@ -138,7 +137,7 @@ def _book_ahead(
         candidates = [
             u for u in users
             if instrument.open_to == OpenTo.everyone
-            or (instrument.open_to == OpenTo.region and region_of[u.institution_id] == instrument.region_code)
+            or (instrument.open_to == OpenTo.region and u.region_code == instrument.region_code)
             or u.institution_id == instrument.institution_id
         ]
         if not candidates:

@@ -135,7 +135,7 @@ def get_instrument(session: Session, instrument_id: int) -> Instrument:
 
 
 def instrument_is_open_to(
-    instrument: Instrument, user_institution_id: int, user_region_code: str
+    instrument: Instrument, user_institution_id: int | None, user_region_code: str
 ) -> bool:
     """Whether a user of that institution and region may book the instrument at all."""
     if instrument.open_to == OpenTo.everyone:

@@ -12,7 +12,7 @@ from labcommons.db import Database
 from labcommons.errors import Unauthenticated
 from labcommons.http import SESSION_COOKIE, get_db, page_actor
 from labcommons.i18n import gettext_ as _
-from labcommons.identity import service
+from labcommons.identity import federation, service
 from labcommons.pages import check_csrf, redirect, render, safe_next
 
 router = APIRouter(include_in_schema=False)
@@ -31,7 +31,17 @@ def login_form(
     """The sign-in form; a signed-in user goes straight on to `next`."""
     if page_actor(request) is not None:
         return redirect(_next_target(next_))
-    return render(request, "identity/login.html", next=_next_target(next_), email="", error=None)
+    return _login_page(request, next=_next_target(next_), email="", error=None)
+
+
+def _login_page(request: Request, status_code: int = 200, **context: object) -> Response:
+    """The sign-in page: the enabled upstream providers, then the local form when local accounts are on."""
+    with get_db(request).unit_of_work(write=False) as session:
+        providers = list(federation.enabled_providers(session))
+    return render(
+        request, "identity/login.html", status_code=status_code, providers=providers,
+        local_login_enabled=get_settings().local_login_enabled, page_path="/login", **context,
+    )
 
 
 @router.post("/login", response_model=None)
@@ -52,10 +62,7 @@ def login(
             token = service.start_web_session(session, user)
             name = user.name
     except Unauthenticated:
-        return render(
-            request, "identity/login.html", status_code=401, next=target, email=email,
-            error=_("Wrong e-mail or password."),
-        )
+        return _login_page(request, 401, next=target, email=email, error=_("Wrong e-mail or password."))
     response = redirect(target, flash=_("Signed in as %(name)s.") % {"name": name})
     response.set_cookie(
         SESSION_COOKIE, token, max_age=int(service.SESSION_LIFETIME.total_seconds()), httponly=True,

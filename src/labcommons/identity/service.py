@@ -15,7 +15,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, joinedload
 
-from labcommons.actor import Actor
+from labcommons.actor import Actor, Grant
 from labcommons.catalog.models import Institution
 from labcommons.config import get_settings
 from labcommons.db import utcnow
@@ -36,11 +36,11 @@ def _digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def actor_for(user: User) -> Actor:
-    """The Actor of a user whose institution is loaded."""
+def actor_for(user: User, *, grants: tuple[Grant, ...] = (), scopes: frozenset[str] | None = None) -> Actor:
+    """The Actor of a user, with the role grants and token scopes the caller loaded."""
     return Actor(
         user_id=user.id, email=user.email, name=user.name, institution_id=user.institution_id,
-        region_code=user.institution.region_code, locale=user.locale, timezone=user.timezone,
+        region_code=user.region_code, locale=user.locale, timezone=user.timezone, grants=grants, scopes=scopes,
     )
 
 
@@ -63,7 +63,7 @@ def create_user(
     if institution is None:
         raise InvalidInput(f"Unknown institution {institution_code!r}.", field="institution",
                            code="unknown_institution")
-    user = User(email=email, name=name.strip(), institution_id=institution.id,
+    user = User(email=email, name=name.strip(), institution_id=institution.id, region_code=institution.region_code,
                 password_hash=_hasher().hash(password) if password else None)
     try:
         with session.begin_nested():
