@@ -20,10 +20,18 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(database_url: str, *, workers: int = 1, timeout: float = 60.0) -> Iterator[str]:
-    """Start `uvicorn labcommons.asgi:app` with `workers` processes; yield its base URL; stop it after."""
-    port = free_port()
-    env = os.environ | {"LABCOMMONS_DATABASE_URL": database_url}
+def running_server(
+    database_url: str, *, workers: int = 1, timeout: float = 60.0, env: dict[str, str] | None = None,
+    port: int | None = None,
+) -> Iterator[str]:
+    """Start `uvicorn labcommons.asgi:app` with `workers` processes; yield its base URL; stop it after.
+
+    LABCOMMONS_PUBLIC_BASE_URL is the server's own address unless `env` says otherwise.
+    """
+    port = port or free_port()
+    env = os.environ | {
+        "LABCOMMONS_DATABASE_URL": database_url, "LABCOMMONS_PUBLIC_BASE_URL": f"http://127.0.0.1:{port}",
+    } | (env or {})
     proc = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "labcommons.asgi:app", "--host", "127.0.0.1", "--port", str(port),
          "--workers", str(workers), "--log-level", "warning"],
