@@ -81,8 +81,16 @@ def seed_demo(bookings: int = 300) -> None:
             )
     console.print("[bold]Demo users[/bold] (sign in at /login with the password, or send the API token as "
                   "'Authorization: Bearer <token>'):")
+    roles_of = {
+        entry["email"]: ", ".join(
+            f"{g['role']} {next((g[k] for k in ('facility', 'institution', 'region') if k in g), 'platform')}"
+            for g in entry.get("roles", [])
+        )
+        for entry in demo.demo_data()["users"]
+    }
     for email, password, token in logins:
-        console.print(f"  {email}  password: {password}  token: {token}", soft_wrap=True, highlight=False)
+        roles = f"  roles: {roles_of[email]}" if roles_of.get(email) else ""
+        console.print(f"  {email}  password: {password}  token: {token}{roles}", soft_wrap=True, highlight=False)
 
 
 def _serve(host: str, port: int, workers: int) -> None:
@@ -107,11 +115,89 @@ def serve(
 
 
 @app.command("demo")
-def demo_command(host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Create the database, load the demo if it is empty, and serve it."""
+def demo_command(
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    idp_port_sc: Annotated[int, typer.Option(help="Port of the demo Sichuan identity service")] = 8101,
+    idp_port_cq: Annotated[int, typer.Option(help="Port of the demo Chongqing identity service")] = 8102,
+    demo_idps: Annotated[bool, typer.Option(help="Run the demo regional identity services on loopback")] = True,
+) -> None:
+    """Create the database, load the demo if it is empty, start the demo identity services, and serve it."""
+    from labcommons.config import get_settings
+    from labcommons.identity import demo_providers
+
+    # The app builds its OpenID Connect callback from public_base_url, so unless one is given it follows --port.
+    if not os.environ.get("LABCOMMONS_PUBLIC_BASE_URL"):
+        shown_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+        os.environ["LABCOMMONS_PUBLIC_BASE_URL"] = f"http://{shown_host}:{port}"
+        get_settings.cache_clear()
+    base_url = get_settings().public_base_url.rstrip("/")
     seed_demo(bookings=300)
-    console.print(f"serving on [bold]http://{host}:{port}[/bold] (API docs at /api/v1/docs)")
-    _serve(host, port, 1)
+    handles: list[demo_providers.DemoProviderHandle] = []
+    if demo_idps:
+        try:
+            handles = demo_providers.start_demo_providers({"SC": idp_port_sc, "CQ": idp_port_cq},
+                                                          app_base_url=base_url)
+        except OSError as exc:
+            err.print(f"[red]error:[/red] cannot start the demo identity services ({exc}); choose free ports with "
+                      "--idp-port-sc/--idp-port-cq or pass --no-demo-idps")
+            raise typer.Exit(code=2) from exc
+    with _database().unit_of_work() as session:
+        for handle in handles:
+            demo_providers.register_demo_provider(session, handle.region, handle.issuer)
+        if not handles:
+            demo_providers.disable_demo_providers(session)
+    if handles:
+        console.print(f"[bold]Demo identity services[/bold] (on {base_url}/login choose \"Sign in with …\", then "
+                      "pick a person; no password):", soft_wrap=True)
+        for handle in handles:
+            console.print(f"  {handle.region.display_name_en} / {handle.region.display_name_zh}  {handle.issuer}",
+                          soft_wrap=True, highlight=False)
+            for person in handle.region.persons:
+                note = "  (same e-mail as a demo user above: links to it)" if person.has_local_account else ""
+                console.print(f"    {person.name} <{person.email}>  {person.affiliation_en}{note}",
+                              soft_wrap=True, highlight=False)
+    console.print(f"serving on [bold]{base_url}[/bold] (API docs at /api/v1/docs)")
+    try:
+        _serve(host, port, 1)
+    finally:
+        for handle in handles:
+            handle.stop()
+
+
+@app.command("demo-idp")
+def demo_idp_command(
+    region: Annotated[str, typer.Option(help="Region code: SC or CQ")] = "SC",
+    port: Annotated[int | None, typer.Option(help="Port (default 8101 for SC, 8102 for CQ)")] = None,
+    app_base_url: Annotated[str | None, typer.Option(help="The platform's public URL (default: settings)")] = None,
+    register: Annotated[bool, typer.Option(help="Register it as an identity provider in the database")] = False,
+) -> None:
+    """Run one demo regional identity service on loopback until interrupted."""
+    import time
+
+    from labcommons.config import get_settings
+    from labcommons.identity import demo_providers
+
+    config = demo_providers.DEMO_REGIONS.get(region.upper())
+    if config is None:
+        err.print(f"[red]error:[/red] no demo identity service for region {region!r} (SC or CQ)")
+        raise typer.Exit(code=2)
+    base_url = app_base_url or get_settings().public_base_url
+    handle = demo_providers.serve_in_thread(config, config.default_port if port is None else port,
+                                            app_base_url=base_url)
+    if register:
+        with _database().unit_of_work() as session:
+            demo_providers.register_demo_provider(session, config, handle.issuer)
+    console.print(f"{config.display_name_en} at [bold]{handle.issuer}[/bold]: client_id {config.client_id}, "
+                  f"client_secret {config.client_secret}, redirect URI {handle.redirect_uris[0]}",
+                  soft_wrap=True, highlight=False)
+    try:
+        while handle.running:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        handle.stop()
 
 
 @users_app.command("add")
@@ -147,6 +233,20 @@ def users_list() -> None:
         for user in identity.list_users(session):
             table.add_row(str(user.id), user.email, user.name, user.institution.code if user.institution else "—")
     console.print(table)
+
+
+@users_app.command("set-password")
+def users_set_password(email: Annotated[str, typer.Option()]) -> None:
+    """Set a user's local password (asked twice, not echoed) and end all their browser sessions."""
+    from labcommons.identity import passwords
+
+    password = typer.prompt("New password", hide_input=True, confirmation_prompt=True)
+    try:
+        with _database().unit_of_work() as session:
+            user = passwords.set_password_for_email(session, email, password)
+            console.print(f"password of <{user.email}> set; their browser sessions were ended")
+    except DomainError as exc:
+        raise _fail(exc) from exc
 
 
 @tokens_app.command("create")

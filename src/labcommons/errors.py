@@ -51,3 +51,14 @@ class Unauthenticated(DomainError):
 class Forbidden(DomainError):
     status_code = 403
     code = "forbidden"
+
+
+class TooManyAttempts(DomainError):
+    """Refused for now because of repeated attempts; `retry_after` is in whole seconds."""
+
+    status_code = 429
+    code = "too_many_attempts"
+
+    def __init__(self, message: str, *, retry_after: int, field: str | None = None) -> None:
+        super().__init__(message, field=field, retry_after=retry_after)
+        self.retry_after = retry_after

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from collections.abc import Callable
+from typing import Annotated, Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from labcommons.actor import Actor
 from labcommons.db import Database
-from labcommons.errors import DomainError, Unauthenticated
+from labcommons.errors import DomainError, Forbidden, Unauthenticated
 from labcommons.identity import service as identity
 
 log = logging.getLogger("labcommons")
@@ -34,8 +36,42 @@ def api_actor(request: Request) -> Actor:
         if actor is not None:
             return actor
         raise Unauthenticated("Send an API token as 'Authorization: Bearer <token>'.")
-    with get_db(request).unit_of_work(write=False) as session:
-        return identity.authenticate_token(session, token.strip())
+    db = get_db(request)
+    try:
+        with db.unit_of_work(write=False) as session:
+            return identity.authenticate_token(session, token.strip())
+    except OperationalError:
+        if not db.is_sqlite:
+            raise
+        # SQLite will not upgrade a stale read to a write (the once-a-minute last-used stamp); retry serialised.
+        with db.unit_of_work(write=True) as session:
+            return identity.authenticate_token(session, token.strip())
+
+
+class InsufficientScope(Forbidden):
+    """The API token lacks the scope a route needs (its owner's roles may still allow the action)."""
+
+    code = "insufficient_scope"
+
+    def __init__(self, scope: str) -> None:
+        super().__init__(f"This API token lacks the scope {scope!r}; create a token with it.", scope=scope)
+
+
+def has_scope(actor: Actor, scope: str) -> bool:
+    """Browser sessions (no scopes) are limited by roles alone."""
+    return actor.scopes is None or scope in actor.scopes
+
+
+def require_scope(scope: str) -> Callable[..., Actor]:
+    """A dependency giving the API caller, refused with 403 insufficient_scope when their token lacks `scope`."""
+
+    def dependency(actor: Annotated[Actor, Depends(api_actor)]) -> Actor:
+        if not has_scope(actor, scope):
+            raise InsufficientScope(scope)
+        return actor
+
+    dependency.__name__ = f"require_scope_{scope.replace(':', '_')}"
+    return dependency
 
 
 SESSION_COOKIE = "labcommons_session"

@@ -16,13 +16,14 @@ from labcommons.booking.models import BookingStatus
 from labcommons.booking.schemas import AvailabilityRead, BookingCreate, BookingPage, BookingRead, SlotList, SlotRead
 from labcommons.catalog.service import InstrumentQuery
 from labcommons.db import Database, utcnow
-from labcommons.http import api_actor, get_db
+from labcommons.http import get_db, require_scope
 from labcommons.idempotency import Outcome, fingerprint, run_idempotent
 
 router = APIRouter(tags=["booking"])
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"description": "No valid API token"},
+    403: {"description": "The token lacks the scope the route needs (`insufficient_scope`)"},
     404: {"description": "Unknown instrument or booking"},
     409: {"description": "Conflicts with the current state, e.g. overlapping_booking"},
     422: {"description": "Invalid input; `field` names it"},
@@ -69,7 +70,7 @@ def earliest_slot(
 def create_booking(
     body: BookingCreate,
     request: Request,
-    actor: Annotated[Actor, Depends(api_actor)],
+    actor: Annotated[Actor, Depends(require_scope("bookings:write"))],
     db: Annotated[Database, Depends(get_db)],
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> JSONResponse:
@@ -87,7 +88,7 @@ def create_booking(
 
 @router.get("/bookings", response_model=BookingPage, responses=ERRORS)
 def list_my_bookings(
-    actor: Annotated[Actor, Depends(api_actor)],
+    actor: Annotated[Actor, Depends(require_scope("bookings:read"))],
     db: Annotated[Database, Depends(get_db)],
     status: BookingStatus | None = None,
     period: service.BookingPeriod = service.BookingPeriod.all,
@@ -104,7 +105,9 @@ def list_my_bookings(
 
 @router.get("/bookings/{booking_id}", response_model=BookingRead, responses=ERRORS)
 def get_booking(
-    booking_id: int, actor: Annotated[Actor, Depends(api_actor)], db: Annotated[Database, Depends(get_db)]
+    booking_id: int,
+    actor: Annotated[Actor, Depends(require_scope("bookings:read"))],
+    db: Annotated[Database, Depends(get_db)],
 ) -> BookingRead:
     """One of the caller's bookings; anyone else's is 404."""
     with db.unit_of_work(write=False) as session:
@@ -115,7 +118,7 @@ def get_booking(
 def cancel_booking(
     booking_id: int,
     request: Request,
-    actor: Annotated[Actor, Depends(api_actor)],
+    actor: Annotated[Actor, Depends(require_scope("bookings:write"))],
     db: Annotated[Database, Depends(get_db)],
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> JSONResponse:

@@ -27,6 +27,7 @@ from labcommons.catalog.models import (
 )
 from labcommons.catalog.service import place_instrument
 from labcommons.db import utcnow
+from labcommons.identity import roles
 from labcommons.identity import service as identity
 from labcommons.identity.models import User
 
@@ -39,6 +40,7 @@ class DemoSeed:
     services: int = 0
     bookings: int = 0
     users: list[tuple[str, str, str]] = field(default_factory=list)  # (email, password, token)
+    roles: list[tuple[str, str, str]] = field(default_factory=list)  # (email, role, scope code or "platform")
 
 
 def demo_data() -> dict[str, Any]:
@@ -111,6 +113,13 @@ def seed_demo(session: Session, *, bookings: int = 300, now: datetime | None = N
         token = identity.rotate_api_token(session, user, name="demo")
         users.append(user)
         result.users.append((user.email, u["password"], token))
+        for g in u.get("roles", []):
+            scope = roles.resolve_scope(session, facility=g.get("facility"), institution=g.get("institution"),
+                                        region=g.get("region"))
+            roles.grant_role(session, None, user, g["role"], facility_id=scope.facility_id,
+                             institution_id=scope.institution_id, region_code=scope.region_code)
+            code = g.get("facility") or g.get("institution") or g.get("region") or "platform"
+            result.roles.append((user.email, g["role"], code))
     result.bookings = _book_ahead(session, instruments, users, institutions, bookings, now or utcnow(), rng_seed)
     session.flush()
     return result

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from functools import cache
 
@@ -20,9 +20,12 @@ from labcommons.catalog.models import Institution
 from labcommons.config import get_settings
 from labcommons.db import utcnow
 from labcommons.errors import Conflict, InvalidInput, NotFound, Unauthenticated
-from labcommons.identity.models import ApiToken, User, WebSession
+from labcommons.identity.models import ApiToken, ExternalIdentity, IdentityProvider, User, WebSession
 
 TOKEN_PREFIX = "lc_"
+TOKEN_DEFAULT_LIFETIME = timedelta(days=90)
+TOKEN_MAX_LIFETIME = timedelta(days=366)
+TOKEN_TOUCH_INTERVAL = timedelta(minutes=1)
 SESSION_LIFETIME = timedelta(days=14)
 
 
@@ -88,11 +91,41 @@ def list_users(session: Session) -> Sequence[User]:
 
 
 def create_api_token(
-    session: Session, user: User, *, name: str = "", expires_at: datetime | None = None
+    session: Session,
+    user: User,
+    *,
+    name: str = "",
+    scopes: Iterable[str] | None = None,
+    expires_at: datetime | None = None,
+    now: datetime | None = None,
 ) -> str:
-    """Issue a bearer token for a user and return it; only its hash is kept, so it is shown once."""
+    """Issue a bearer token and return it (only its hash is kept, so it is shown once).
+
+    `scopes` None stores no scopes, which means all of them (demo and test tokens); `expires_at` at most a year on.
+    """
+    from labcommons.identity.roles import SCOPES
+
+    now = now or utcnow()
+    if len(name) > 100:
+        raise InvalidInput("The name is too long (at most 100 characters).", field="name")
+    stored = ""
+    if scopes is not None:
+        wanted = sorted(set(scopes))
+        unknown = [s for s in wanted if s not in SCOPES]
+        if unknown:
+            raise InvalidInput(f"Unknown scope {unknown[0]!r}; known: {', '.join(SCOPES)}.", field="scopes",
+                               code="unknown_scope")
+        if not wanted:
+            raise InvalidInput("Choose at least one scope.", field="scopes", code="missing_field")
+        stored = " ".join(wanted)
+    if expires_at is not None:
+        if expires_at <= now:
+            raise InvalidInput("The expiry date must lie in the future.", field="expires_at", code="expiry_in_past")
+        if expires_at > now + TOKEN_MAX_LIFETIME:
+            raise InvalidInput("A token may live at most one year.", field="expires_at", code="expiry_too_late")
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
-    session.add(ApiToken(user_id=user.id, token_hash=_digest(token), name=name, expires_at=expires_at))
+    session.add(ApiToken(user_id=user.id, token_hash=_digest(token), name=name, scopes=stored,
+                         expires_at=expires_at, created_at=now))
     session.flush()
     return token
 
@@ -123,29 +156,43 @@ def authenticate_token(session: Session, token: str, *, now: datetime | None = N
         raise Unauthenticated("The API token has expired or was revoked.")
     if not user.is_active:
         raise Unauthenticated("The account is disabled.")
-    return actor_for(user)
+    # Stamped at most once a minute so that a busy client does not turn every read into a write.
+    if api_token.last_used_at is None or api_token.last_used_at <= now - TOKEN_TOUCH_INTERVAL:
+        api_token.last_used_at = now
+        session.flush()
+    from labcommons.identity.roles import SCOPES, grants_of
+
+    scopes = frozenset(api_token.scopes.split()) if api_token.scopes.strip() else frozenset(SCOPES)
+    return actor_for(user, grants=grants_of(session, user.id), scopes=scopes)
 
 
 def verify_password(session: Session, email: str, password: str) -> User:
     """The user whose local password this is; Unauthenticated otherwise, without telling which part failed."""
+    if not get_settings().local_login_enabled:
+        raise Unauthenticated("Sign-in with a platform password is switched off here.")
     try:
         user = find_user(session, email)
     except (NotFound, InvalidInput):
-        _hasher().hash(password)  # spend the same time as a real check
-        raise Unauthenticated("Wrong e-mail or password.") from None
-    if not user.password_hash or not user.is_active:
+        user = None
+    if user is None or not user.password_hash or not user.is_active:
+        _hasher().hash(password)  # spend the same time as a real check, so the answer does not reveal accounts
         raise Unauthenticated("Wrong e-mail or password.")
     try:
         _hasher().verify(user.password_hash, password)
     except (VerificationError, InvalidHashError):
         raise Unauthenticated("Wrong e-mail or password.") from None
+    # Hashes made with older cost settings are upgraded while the plain password is at hand.
+    if _hasher().check_needs_rehash(user.password_hash):
+        user.password_hash = _hasher().hash(password)
+        session.flush()
     return user
 
 
-def start_web_session(session: Session, user: User) -> str:
-    """Open a browser session and return the cookie value."""
+def start_web_session(session: Session, user: User, *, method: str = "password") -> str:
+    """Open a browser session and return the cookie value; `method` records how the user signed in."""
     token = secrets.token_urlsafe(32)
-    session.add(WebSession(user_id=user.id, token_hash=_digest(token), expires_at=utcnow() + SESSION_LIFETIME))
+    session.add(WebSession(user_id=user.id, token_hash=_digest(token), expires_at=utcnow() + SESSION_LIFETIME,
+                           method=method))
     session.flush()
     return token
 
@@ -160,10 +207,13 @@ def actor_for_web_session(session: Session, token: str) -> Actor | None:
     ).first()
     if row is None or not row[1].is_active:
         return None
-    return actor_for(row[1])
+    from labcommons.identity.roles import grants_of
+
+    return actor_for(row[1], grants=grants_of(session, row[1].id))
 
 
 def end_web_session(session: Session, token: str) -> None:
+    """Sign one browser out (its cookie's session row goes)."""
     for web_session in session.scalars(select(WebSession).where(WebSession.token_hash == _digest(token))):
         session.delete(web_session)
     session.flush()
@@ -176,3 +226,65 @@ def csrf_token(secret: str, session_token: str) -> str:
 
 def check_csrf(secret: str, session_token: str, given: str) -> bool:
     return hmac.compare_digest(csrf_token(secret, session_token), given or "")
+
+
+# --- the account page: tokens, sessions, linked identities ---------------------------------------------------
+
+
+def list_api_tokens(session: Session, user_id: int) -> Sequence[ApiToken]:
+    """The user's tokens that are not revoked (expired ones too, so the user sees why one stopped), newest first."""
+    return session.scalars(
+        select(ApiToken).where(ApiToken.user_id == user_id, ApiToken.revoked_at.is_(None))
+        .order_by(ApiToken.id.desc())
+    ).all()
+
+
+def revoke_api_token(session: Session, user_id: int, token_id: int) -> ApiToken:
+    """Revoke one of the user's own tokens; anyone else's, or an already revoked one, is NotFound."""
+    token = session.get(ApiToken, token_id)
+    if token is None or token.user_id != user_id or token.revoked_at is not None:
+        raise NotFound("No such API token.", field="token_id")
+    token.revoked_at = utcnow()
+    session.flush()
+    return token
+
+
+def active_web_sessions(session: Session, user_id: int) -> Sequence[WebSession]:
+    return session.scalars(
+        select(WebSession).where(WebSession.user_id == user_id, WebSession.expires_at > utcnow())
+        .order_by(WebSession.created_at.desc())
+    ).all()
+
+
+def end_all_web_sessions(session: Session, user_id: int) -> int:
+    """Sign the user out of every browser; returns how many sessions ended."""
+    rows = session.scalars(select(WebSession).where(WebSession.user_id == user_id)).all()
+    for row in rows:
+        session.delete(row)
+    session.flush()
+    return len(rows)
+
+
+def external_identities(session: Session, user_id: int) -> list[tuple[ExternalIdentity, IdentityProvider]]:
+    """The user's linked upstream identities with their providers."""
+    rows = session.execute(
+        select(ExternalIdentity, IdentityProvider)
+        .join(IdentityProvider, IdentityProvider.id == ExternalIdentity.provider_id)
+        .where(ExternalIdentity.user_id == user_id)
+        .order_by(ExternalIdentity.id)
+    ).all()
+    return [(identity, provider) for identity, provider in rows]
+
+
+def linkable_providers(session: Session, user_id: int) -> Sequence[IdentityProvider]:
+    """Enabled providers the user has no identity at yet."""
+    linked = select(ExternalIdentity.provider_id).where(ExternalIdentity.user_id == user_id)
+    return session.scalars(
+        select(IdentityProvider).where(IdentityProvider.enabled.is_(True), IdentityProvider.id.not_in(linked))
+        .order_by(IdentityProvider.name)
+    ).all()
+
+
+def hash_password(password: str) -> str:
+    """An argon2id hash of a password with the configured cost."""
+    return _hasher().hash(password)
