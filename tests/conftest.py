@@ -14,6 +14,7 @@ from sqlalchemy.engine import make_url
 
 from labcommons.db import Base, Database, make_engine
 from labcommons.migrations import upgrade
+from tests.factories import World, build_world
 
 # Cheap password hashing in tests; must be set before the settings are first read.
 os.environ.setdefault("LABCOMMONS_ARGON2_TIME_COST", "1")
@@ -98,3 +99,9 @@ def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
 def db_url(db: Database) -> str:
     """The URL of the test database, for server processes."""
     return db.engine.url.render_as_string(hide_password=False)
+
+
+@pytest.fixture
+def world(db: Database) -> World:
+    """The standard test world (institutions, facilities, instruments, alice/bob/carol) on `db`."""
+    return build_world(db)

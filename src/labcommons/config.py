@@ -1,7 +1,11 @@
 """Settings, read once from LABCOMMONS_* environment variables; the defaults run the embedded demo."""
 
-from functools import lru_cache
+from __future__ import annotations
 
+from functools import lru_cache
+from typing import Any
+
+from pydantic import model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -13,7 +17,8 @@ class Settings(BaseSettings):
     secret_key: str = "labcommons-demo-secret-change-me"
     default_timezone: str = "Asia/Shanghai"
     default_locale: str = "zh_CN"
-    # Cookies are marked Secure unless explicitly served over plain HTTP (the embedded demo).
+    # Cookies are marked Secure whenever the platform is served over https (see public_base_url); set this to
+    # force either way.
     cookie_secure: bool = False
     # How far ahead the earliest-slot search looks.
     earliest_slot_horizon_days: int = 90
@@ -50,6 +55,14 @@ class Settings(BaseSettings):
     oidc_key_grace_seconds: int = 86400
     # Upstream providers: plain-HTTP issuers are allowed only on loopback (demo and tests).
     oidc_http_timeout_seconds: float = 10.0
+
+
+    @model_validator(mode="before")
+    @classmethod
+    def _secure_cookies_behind_https(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("cookie_secure") is None:
+            data["cookie_secure"] = str(data.get("public_base_url", "")).startswith("https://")
+        return data
 
 
 @lru_cache

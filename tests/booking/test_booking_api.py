@@ -11,12 +11,7 @@ from sqlalchemy import func, select
 from labcommons.booking.models import Booking
 from labcommons.db import Database
 from tests.api_client import client_for
-from tests.factories import World, build_world, next_grid_day
-
-
-@pytest.fixture
-def world(db: Database) -> World:
-    return build_world(db)
+from tests.factories import World, next_grid_day
 
 
 def booking_count(db: Database) -> int:

@@ -9,14 +9,8 @@ import pytest
 
 from labcommons.booking import service
 from labcommons.catalog.service import InstrumentQuery
-from labcommons.db import Database
 from tests.api_client import client_for
-from tests.factories import World, build_world, next_grid_day
-
-
-@pytest.fixture
-def world(db: Database) -> World:
-    return build_world(db)
+from tests.factories import World, next_grid_day
 
 
 def book(world: World, key: str, start: datetime, hours: float, who: str = "alice") -> None:

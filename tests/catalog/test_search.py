@@ -9,14 +9,8 @@ import pytest
 from sqlalchemy import update
 
 from labcommons.catalog.models import Instrument, InstrumentStatus
-from labcommons.db import Database
 from tests.api_client import client_for
-from tests.factories import World, add_instrument, build_world, next_grid_day
-
-
-@pytest.fixture
-def world(db: Database) -> World:
-    return build_world(db)
+from tests.factories import World, add_instrument, next_grid_day
 
 
 def codes(world: World, **params: Any) -> list[str]:

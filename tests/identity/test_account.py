@@ -10,17 +10,12 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 from labcommons.app import create_app
-from labcommons.db import Database, utcnow
+from labcommons.db import utcnow
 from labcommons.http import SESSION_COOKIE
 from labcommons.identity import roles, service
 from labcommons.identity.models import ExternalIdentity, IdentityProvider, RoleGrant, WebSession
-from tests.factories import World, build_world
+from tests.factories import World
 from tests.web.conftest import csrf_of, sign_in
-
-
-@pytest.fixture
-def world(db: Database) -> World:
-    return build_world(db)
 
 
 @pytest.fixture

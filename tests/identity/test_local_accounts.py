@@ -21,17 +21,13 @@ from labcommons.errors import TooManyAttempts, Unauthenticated
 from labcommons.identity import passwords, service
 from labcommons.identity.models import LoginThrottle, PasswordReset, User, WebSession
 from tests.api_client import client_for
-from tests.factories import World, build_world
+from tests.factories import World
 from tests.test_mail import SmtpSink, settings_env, smtp_backend
 from tests.web.conftest import PASSWORD, csrf_of
 
 NEW_PASSWORD = "a much longer passphrase"
 LINK = re.compile(r"http://labcommons\.test(/password/reset/[A-Za-z0-9_-]+)")
 
-
-@pytest.fixture
-def world(db: Database) -> World:
-    return build_world(db)
 
 
 @pytest.fixture

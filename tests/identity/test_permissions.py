@@ -14,13 +14,12 @@ from starlette.routing import Route
 
 from labcommons.actor import Actor, Grant
 from labcommons.app import create_app
-from labcommons.db import Database
 from labcommons.errors import Conflict, Forbidden, InvalidInput, NotFound
 from labcommons.http import SESSION_COOKIE
 from labcommons.identity import roles, service
 from labcommons.identity.models import Role
 from labcommons.identity.roles import PERMISSIONS, ROLES, ROUTES, USER, Action, FacilityRef, Target
-from tests.factories import World, build_world
+from tests.factories import World
 from tests.web.conftest import csrf_of, sign_in
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -93,10 +92,6 @@ def test_every_action_is_in_the_table_and_grants_map_to_actions() -> None:
 
 # --- granting ----------------------------------------------------------------------------------------------
 
-
-@pytest.fixture
-def world(db: Database) -> World:
-    return build_world(db)
 
 
 def _actor(world: World, name: str) -> Actor:

@@ -23,7 +23,7 @@ from labcommons.errors import InvalidInput
 from labcommons.identity import provider
 from labcommons.identity.models import OidcAuthorizationCode, OidcClient, RoleGrant, SigningKey
 from tests.api_client import client_for
-from tests.factories import World, build_world
+from tests.factories import World
 from tests.identity.provider_support import (
     REDIRECT,
     SESSION_COOKIE,
@@ -38,11 +38,6 @@ from tests.identity.provider_support import (
     register,
 )
 from tests.server import running_server
-
-
-@pytest.fixture
-def world(db: Database) -> World:
-    return build_world(db)
 
 
 @pytest.fixture

@@ -9,16 +9,11 @@ import pytest
 from fastapi.testclient import TestClient
 
 from labcommons.app import create_app
-from labcommons.db import Database, utcnow
+from labcommons.db import utcnow
 from labcommons.errors import InvalidInput, Unauthenticated
 from labcommons.identity import roles, service
 from labcommons.identity.models import ApiToken
-from tests.factories import World, build_world, next_grid_day
-
-
-@pytest.fixture
-def world(db: Database) -> World:
-    return build_world(db)
+from tests.factories import World, next_grid_day
 
 
 @pytest.fixture

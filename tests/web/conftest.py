@@ -9,8 +9,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from labcommons.app import create_app
-from labcommons.db import Database
-from tests.factories import World, build_world
+from tests.factories import World
 
 PASSWORD = "correct horse"
 _CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')
@@ -34,10 +33,6 @@ def sign_in(client: TestClient, user: str, password: str = PASSWORD) -> None:
     )
     assert response.status_code == 303, response.text
 
-
-@pytest.fixture
-def world(db: Database) -> World:
-    return build_world(db)
 
 
 @pytest.fixture
