@@ -13,6 +13,7 @@ from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from labcommons.actor import Actor
+from labcommons.config import get_settings
 from labcommons.db import Database
 from labcommons.errors import DomainError, Forbidden, Unauthenticated
 from labcommons.identity import service as identity
@@ -31,9 +32,16 @@ def api_actor(request: Request) -> Actor:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
-        # Browsers signed in to the pages may call the API with their session cookie.
+        # Browsers signed in to the pages may call the API with their session cookie; a write must then carry
+        # the page's CSRF token in X-CSRF-Token, since SameSite does not stop requests from sibling sites.
         actor = page_actor(request)
         if actor is not None:
+            if request.method not in ("GET", "HEAD", "OPTIONS"):
+                session_token = request.cookies.get(SESSION_COOKIE, "")
+                given = request.headers.get("x-csrf-token", "")
+                if not identity.check_csrf(get_settings().secret_key, session_token, given):
+                    raise Forbidden("A write with the session cookie needs the page's CSRF token in X-CSRF-Token.",
+                                    field="X-CSRF-Token")
             return actor
         raise Unauthenticated("Send an API token as 'Authorization: Bearer <token>'.")
     db = get_db(request)

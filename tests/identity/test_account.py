@@ -90,6 +90,22 @@ def test_tokens_are_made_shown_once_and_revoked_through_the_form(world: World, c
     assert other.status_code == 404
 
 
+def test_a_new_token_is_shown_only_to_the_session_that_made_it(world: World, client: TestClient) -> None:
+    sign_in(client, "alice")
+    page = client.get("/account?lang=en")
+    expires = (utcnow() + timedelta(days=30)).date().isoformat()
+    client.post("/account/tokens", data={"csrf_token": csrf_of(page.text), "name": "shared-pc",
+                                         "scopes": ["bookings:read"], "expires_on": expires}, follow_redirects=False)
+    carried = client.cookies.get("labcommons_new_token")
+    assert carried
+    # Alice walks away; Bob signs in on the same browser within the two minutes.
+    sign_in(client, "bob")
+    client.cookies.set("labcommons_new_token", carried, path="/account")
+    shown = client.get("/account")
+    assert 'id="new-token"' not in shown.text and carried.rpartition(".")[0] not in shown.text
+    assert shown.headers["cache-control"] == "no-store"
+
+
 def test_log_out_everywhere(world: World, client: TestClient) -> None:
     sign_in(client, "alice")
     with TestClient(create_app(db=world.db)) as phone:

@@ -315,6 +315,29 @@ def test_verified_email_from_a_trusted_provider_links(env: Env) -> None:
         assert s.scalars(select(ExternalIdentity.user_id)).one() == alice.id
 
 
+def test_unverified_email_creates_no_account(env: Env) -> None:
+    before = counts(env.db)
+    env.cq.claims = {"sub": "cq-new", "email": "someone.else@uni.example", "email_verified": False}
+    assert_refused(env, cq_login(env), 403, "has not verified your e-mail address", before)
+
+
+def test_account_made_through_an_untrusted_provider_is_not_linked_by_e_mail(env: Env) -> None:
+    # cq-ids is untrusted: somebody there claims an address first; a trusted provider must not then attach the
+    # address's real owner to that account.
+    env.cq.claims = {"sub": "cq-early", "email": "victim@uni.example", "email_verified": True}
+    assert cq_login(env).status_code == 303
+    env.client.cookies.clear()
+    env.client.cookies.set("lang", "en")
+    with env.db.unit_of_work() as s:
+        federation.add_provider(s, name="sc-trusted", region_code="SC", issuer=env.cq.issuer,
+                                client_id=env.cq.client_id, client_secret=env.cq.client_secret,
+                                trusted_for_linking=True)
+    before = counts(env.db)
+    env.cq.claims = {"sub": "cq-victim", "email": "victim@uni.example", "email_verified": True}
+    response = env.client.get(at_cq(start(env.client, "sc-trusted")), follow_redirects=False)
+    assert_refused(env, response, 409, "ask an administrator to merge", before)
+
+
 # --- linking and unlinking from the account page ---
 
 
@@ -355,6 +378,7 @@ def test_link_and_unlink_an_identity(env: Env) -> None:
 def test_linking_an_identity_of_another_account_is_refused(env: Env) -> None:
     assert cq_login(env).status_code == 303  # li.ming's account now owns cq-0001
     env.client.cookies.clear()
+    env.client.cookies.set("lang", "en")
     _sign_in_with_password(env.client, "bob@example.org")
     before = counts(env.db)
     started = env.client.post("/account/identities/link/cq-ids", data={"csrf_token": _csrf(env.client, "/bookings")},
@@ -420,6 +444,7 @@ def test_cli_merge_moves_identities_and_deactivates(env: Env, cli: CliRunner) ->
         assert s.scalar(select(func.count()).select_from(WebSession).where(WebSession.user_id == li.id)) == 0
     assert env.client.get("/bookings", follow_redirects=False).status_code == 303  # li's session is gone
     env.client.cookies.clear()
+    env.client.cookies.set("lang", "en")
     assert cq_login(env).status_code == 303
     assert "Alice" in env.client.get("/bookings").text
     same = cli.invoke(cli_app, ["idp", "merge", "--from", "alice@example.org", "--into", "alice@example.org"])
@@ -435,6 +460,7 @@ def test_admin_page_for_platform_admins_only(env: Env, monkeypatch: pytest.Monke
     _sign_in_with_password(env.client, "bob@example.org")
     assert env.client.get("/admin/providers").status_code == 403
     env.client.cookies.clear()
+    env.client.cookies.set("lang", "en")
     env.client.cookies.set("lang", "en")
     _sign_in_with_password(env.client, "alice@example.org")
     page = env.client.get("/admin/providers")

@@ -252,11 +252,9 @@ def test_parallel_failures_are_all_counted(world: World) -> None:
         try:
             barrier.wait()
             with world.db.unit_of_work() as session:
-                passwords.check_not_locked(session, keys)
-                with pytest.raises(Unauthenticated):
-                    service.verify_password(session, "alice@example.org", "wrong password")
-            with world.db.unit_of_work() as session:
-                passwords.record_failure(session, keys)
+                passwords.reserve_attempt(session, keys)
+            with world.db.unit_of_work() as session, pytest.raises(Unauthenticated):
+                service.verify_password(session, "alice@example.org", "wrong password")
         except BaseException as exc:
             errors.append(exc)
 
@@ -271,6 +269,40 @@ def test_parallel_failures_are_all_counted(world: World) -> None:
     with world.db.unit_of_work(write=False) as session:
         failures = {key: n for key, n in session.execute(select(LoginThrottle.key, LoginThrottle.failures))}
     assert failures == {"email:alice@example.org": threads_count, "addr:198.51.100.7": threads_count}
+
+
+def test_parallel_guesses_past_the_limit_are_refused_before_any_password_check(world: World) -> None:
+    # Counting before checking: of 12 simultaneous guesses only the limit's worth reach the password check.
+    threads_count, limit = 12, 5
+    barrier = threading.Barrier(threads_count)
+    outcomes: list[str] = []
+
+    def guess() -> None:
+        barrier.wait()
+        try:
+            with world.db.unit_of_work() as session:
+                passwords.reserve_attempt(session, keys)
+            outcomes.append("checked")
+        except TooManyAttempts:
+            outcomes.append("refused")
+
+    with settings_env(login_max_failures=limit):
+        keys = passwords.login_keys("alice@example.org", "198.51.100.8")
+        threads = [threading.Thread(target=guess) for _ in range(threads_count)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert sorted(outcomes) == ["checked"] * limit + ["refused"] * (threads_count - limit)
+
+
+def test_a_successful_sign_in_gives_back_the_address_attempt(world: World, client: TestClient) -> None:
+    for _ in range(3):
+        assert post_login(client, "alice@example.org", PASSWORD).status_code == 303
+        client.cookies.delete("labcommons_session")
+    with world.db.unit_of_work(write=False) as session:
+        failures = dict(session.execute(select(LoginThrottle.key, LoginThrottle.failures)).all())
+    assert failures.get("email:alice@example.org") is None and set(failures.values()) <= {0}
 
 
 def test_old_hash_parameters_are_upgraded_on_sign_in(world: World) -> None:

@@ -414,6 +414,15 @@ def test_cli_prunes_keys_only_after_the_grace_period(db: Database, cli: CliRunne
         assert len(provider.list_keys(s)) == 1 and provider.list_keys(s)[0].retired_at is None
 
 
+@pytest.mark.parametrize("header", ["Basic \u00e9t\u00e9", "Basic !!!", "Basic " + "bm9jb2xvbg==", "Basic"])
+def test_malformed_basic_authorization_is_invalid_client(browser: TestClient, header: str) -> None:
+    # "bm9jb2xvbg==" is "nocolon": Base64 that is not "id:secret".
+    response = browser.post("/oidc/token", data={"grant_type": "authorization_code", "code": "x"},
+                            headers={"Authorization": header.encode()})
+    assert response.status_code in (400, 401) and response.json()["error"] in ("invalid_client", "invalid_request")
+    assert response.headers["cache-control"] == "no-store"
+
+
 def test_admin_page_registers_clients_and_shows_the_secret_once(
     world: World, browser: TestClient
 ) -> None:

@@ -14,6 +14,7 @@ from labcommons.errors import InvalidInput, Unauthenticated
 from labcommons.identity import roles, service
 from labcommons.identity.models import ApiToken
 from tests.factories import World, next_grid_day
+from tests.web.conftest import csrf_of, sign_in
 
 
 @pytest.fixture
@@ -78,6 +79,7 @@ def test_routes_require_their_scope(world: World, client: TestClient) -> None:
     assert refused.json() == {"error": "insufficient_scope", "message": refused.json()["message"], "field": None,
                               "scope": "bookings:write"}
     assert client.post("/api/v1/bookings/1/cancel", headers=headers).json()["error"] == "insufficient_scope"
+    assert client.get("/api/v1/me", headers=headers).json()["scope"] == "account"
     writer = make_token(world, "alice", ["bookings:write"])
     assert client.post("/api/v1/bookings", json=body, headers={"Authorization": f"Bearer {writer}"}).status_code == 201
     assert client.get("/api/v1/bookings", headers={"Authorization": f"Bearer {writer}"}).status_code == 403
@@ -126,3 +128,17 @@ def test_me_and_token_management(world: World, client: TestClient) -> None:
     assert client.delete(f"/api/v1/me/tokens/{token['id']}", headers=world.headers("alice")).status_code == 204
     assert client.delete(f"/api/v1/me/tokens/{token['id']}", headers=world.headers("alice")).status_code == 404
     assert client.get("/api/v1/me", headers=new_headers).status_code == 401
+
+
+def test_api_writes_with_the_session_cookie_need_the_csrf_header(world: World, client: TestClient) -> None:
+    sign_in(client, "alice")
+    assert client.get("/api/v1/bookings").status_code == 200  # reads need nothing more
+    start = next_grid_day()
+    body = {"instrument_id": world.instruments["CONF"], "starts_at": start.isoformat(),
+            "ends_at": (start + timedelta(hours=1)).isoformat()}
+    refused = client.post("/api/v1/bookings", json=body)
+    assert refused.status_code == 403 and refused.json()["field"] == "X-CSRF-Token"
+    assert client.post("/api/v1/bookings", json=body, headers={"X-CSRF-Token": "forged"}).status_code == 403
+    assert client.get("/api/v1/bookings").json()["items"] == []
+    token = csrf_of(client.get("/account").text)
+    assert client.post("/api/v1/bookings", json=body, headers={"X-CSRF-Token": token}).status_code == 201

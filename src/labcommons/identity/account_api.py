@@ -11,7 +11,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 from labcommons.actor import Actor
 from labcommons.catalog.schemas import Named
 from labcommons.db import Database, utcnow
-from labcommons.http import InsufficientScope, api_actor, get_db, require_scope
+from labcommons.http import InsufficientScope, get_db, require_scope
 from labcommons.identity import roles, service
 from labcommons.identity.models import ApiToken
 
@@ -73,7 +73,9 @@ class TokenList(BaseModel):
 
 
 @router.get("", response_model=MeRead, responses=ERRORS)
-def me(actor: Annotated[Actor, Depends(api_actor)], db: Annotated[Database, Depends(get_db)]) -> MeRead:
+def me(
+    actor: Annotated[Actor, Depends(require_scope("account"))], db: Annotated[Database, Depends(get_db)]
+) -> MeRead:
     """Who the caller is: profile, home region, institution and roles."""
     with db.unit_of_work(write=False) as session:
         user = service.find_user(session, actor.email)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 from datetime import date, time
 from typing import Annotated
 
@@ -16,7 +17,7 @@ from labcommons.http import SESSION_COOKIE, get_db
 from labcommons.i18n import gettext_ as _
 from labcommons.identity import roles, service
 from labcommons.identity.account_api import router as account_api
-from labcommons.pages import check_csrf, redirect, render, require_actor, to_utc
+from labcommons.pages import check_csrf, csrf_for, redirect, render, require_actor, to_utc
 
 
 def role_label(role: str) -> str:
@@ -63,9 +64,16 @@ def _account_page(request: Request, actor: Actor, db: Database, status_code: int
 def account(request: Request, db: Annotated[Database, Depends(get_db)]) -> Response:
     """The signed-in user's account page."""
     actor = require_actor(request)
-    new_token = request.cookies.get(NEW_TOKEN_COOKIE)
+    carried = request.cookies.get(NEW_TOKEN_COOKIE)
+    new_token = None
+    if carried:
+        # Shown only to the session that created it: on a shared computer the next user must not see it.
+        token, _sep, binding = carried.rpartition(".")
+        if token and hmac.compare_digest(binding, csrf_for(request)):
+            new_token = token
     response = _account_page(request, actor, db, new_token=new_token)
-    if new_token:
+    response.headers["Cache-Control"] = "no-store"
+    if carried:
         response.delete_cookie(NEW_TOKEN_COOKIE, path="/account")
     return response
 
@@ -105,8 +113,8 @@ def create_token(
         error = messages.get(exc.field or "", _("Some of what was sent is not valid."))
         return _account_page(request, actor, db, 422, token_form=form, token_error=error)
     response = redirect("/account#tokens", flash=_("Token created. Copy it now: it will not be shown again."))
-    response.set_cookie(NEW_TOKEN_COOKIE, token, max_age=120, path="/account", httponly=True, samesite="strict",
-                        secure=get_settings().cookie_secure)
+    response.set_cookie(NEW_TOKEN_COOKIE, f"{token}.{csrf_for(request)}", max_age=120, path="/account",
+                        httponly=True, samesite="strict", secure=get_settings().cookie_secure)
     return response
 
 

@@ -67,6 +67,9 @@ TOKEN_FROM_FUTURE = N_("The identity service's answer is dated in the future; ch
 WRONG_NONCE = N_("The identity service's answer does not belong to this sign-in (wrong nonce).")
 NO_SUBJECT = N_("The identity service's answer does not say who you are.")
 NO_EMAIL = N_("The identity service did not share your e-mail address, which the platform needs.")
+EMAIL_UNVERIFIED = N_(
+    "The identity service has not verified your e-mail address. Verify it there, then sign in again."
+)
 EMAIL_EXISTS = N_(
     "An account with this e-mail already exists. Sign in with it and link this identity from your account page, "
     "or ask an administrator to merge the accounts."
@@ -502,11 +505,17 @@ def account_for(session: Session, pending: PendingLogin, claims: dict[str, Any])
     assert provider is not None
     owner = session.scalars(select(User).where(User.email == email)).first()
     if owner is not None:
-        # Only a provider trusted to vouch for e-mail addresses may attach itself to an account by e-mail.
-        if _email_verified(claims) and provider.trusted_for_linking and owner.is_active:
+        # Only a provider trusted to vouch for e-mail addresses may attach itself to an account by e-mail, and
+        # only to an account whose address was itself vouched for (else an early sign-up could capture it).
+        if (_email_verified(claims) and provider.trusted_for_linking and owner.is_active
+                and _email_vouched_for(session, owner)):
             _attach(session, owner.id, pending, claims)
             return owner
         raise SignInRefused(EMAIL_EXISTS, code="email_exists", status_code=409)
+    if not _email_verified(claims):
+        # Accounts carry e-mail addresses that member systems are told are verified; an unverified claim could
+        # name somebody else's address.
+        raise SignInRefused(EMAIL_UNVERIFIED, code="email_unverified", status_code=403)
     institution_id = None
     if code := _claim_str(claims, "institution"):
         institution_id = session.scalars(
@@ -522,6 +531,18 @@ def account_for(session: Session, pending: PendingLogin, claims: dict[str, Any])
         raise SignInRefused(EMAIL_EXISTS, code="email_exists", status_code=409) from exc
     _attach(session, user.id, pending, claims)
     return user
+
+
+def _email_vouched_for(session: Session, user: User) -> bool:
+    """Whether the account's address came from an administrator or a provider trusted for linking."""
+    identities = session.execute(
+        select(ExternalIdentity.email, ExternalIdentity.email_verified, IdentityProvider.trusted_for_linking)
+        .join(IdentityProvider, IdentityProvider.id == ExternalIdentity.provider_id)
+        .where(ExternalIdentity.user_id == user.id)
+    ).all()
+    if not identities:
+        return True  # made by an administrator or the CLI: there is no self sign-up
+    return any(trusted and verified and email == user.email for email, verified, trusted in identities)
 
 
 # --- linked identities and merging ---

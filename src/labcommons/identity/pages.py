@@ -80,11 +80,13 @@ def login(
     target = _next_target(next_)
     keys = passwords.login_keys(email, _client_address(request))
     try:
+        # Its own short transaction, committed before the password is looked at: the attempt counts even if the
+        # sign-in fails, and a locked key is refused without checking, so guessing stops even for right guesses.
         with db.unit_of_work() as session:
-            # A locked key is refused before the password is looked at, so guessing stops even for right guesses.
-            passwords.check_not_locked(session, keys)
+            passwords.reserve_attempt(session, keys)
+        with db.unit_of_work() as session:
             user = service.verify_password(session, email, password)
-            passwords.clear(session, [passwords.email_key(email)])
+            passwords.attempt_succeeded(session, keys, email)
             token = service.start_web_session(session, user)
             name = user.name
     except TooManyAttempts as exc:
@@ -92,9 +94,6 @@ def login(
         response.headers["Retry-After"] = str(exc.retry_after)
         return response
     except Unauthenticated:
-        # Its own short transaction: the failed sign-in rolled back, the count must stay.
-        with db.unit_of_work() as session:
-            passwords.record_failure(session, keys)
         return _login_page(request, 401, next=target, email=email, error=_("Wrong e-mail or password."))
     response = redirect(target, flash=_("Signed in as %(name)s.") % {"name": name})
     response.set_cookie(

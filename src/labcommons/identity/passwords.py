@@ -120,6 +120,37 @@ def record_failure(session: Session, keys: dict[str, int], *, now: datetime | No
     return counts
 
 
+def reserve_attempt(session: Session, keys: dict[str, int], *, now: datetime | None = None) -> None:
+    """Count a sign-in attempt as a failure before the password is checked; TooManyAttempts past the limit.
+
+    Counting first means parallel guesses cannot all pass the check before any of them is counted: at most
+    `limit` attempts per key are ever checked in a window. A success gives the count back (attempt_succeeded).
+    """
+    now = now or utcnow()
+    check_not_locked(session, keys, now=now)
+    counts = record_failure(session, keys, now=now)
+    if any(counts[key] > limit for key, limit in keys.items()):
+        raise TooManyAttempts("Too many failed attempts; try again later.",
+                              retry_after=get_settings().login_lockout_seconds)
+
+
+def attempt_succeeded(session: Session, keys: dict[str, int], email: str) -> None:
+    """Forget the e-mail's failures and give back the attempt reserved on the other keys."""
+    clear(session, [email_key(email)])
+    for key, limit in keys.items():
+        if key == email_key(email):
+            continue
+        session.execute(
+            update(LoginThrottle)
+            .where(LoginThrottle.key == key, LoginThrottle.failures > 0)
+            .values(
+                failures=LoginThrottle.failures - 1,
+                # The reservation of a successful sign-in must not be what locked a shared address.
+                locked_until=case((LoginThrottle.failures - 1 < limit, None), else_=LoginThrottle.locked_until),
+            )
+        )
+
+
 def clear(session: Session, keys: Iterable[str]) -> None:
     session.execute(delete(LoginThrottle).where(LoginThrottle.key.in_(list(keys))))
 
