@@ -10,6 +10,7 @@ import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
@@ -21,14 +22,15 @@ from sqlalchemy import func, select
 from typer.testing import CliRunner
 
 from labcommons.actor import Actor
+from labcommons.booking.models import Booking, BookingStatus
 from labcommons.cli import app as cli_app
 from labcommons.config import get_settings
 from labcommons.db import Database
 from labcommons.errors import Forbidden
 from labcommons.identity import federation, roles
-from labcommons.identity.models import ExternalIdentity, IdentityProvider, User, WebSession
+from labcommons.identity.models import ExternalIdentity, IdentityProvider, Role, RoleGrant, User, WebSession
 from tests.api_client import client_for
-from tests.factories import World, build_world
+from tests.factories import World, build_world, next_grid_day
 from tests.identity.upstream import DELETE, Upstream, new_key, running
 
 SC_USER = MockUser(sub="wang.fang", claims={
@@ -434,6 +436,16 @@ def test_cli_add_list_enable_disable(env: Env, cli: CliRunner) -> None:
 
 def test_cli_merge_moves_identities_and_deactivates(env: Env, cli: CliRunner) -> None:
     assert cq_login(env).status_code == 303
+    start = next_grid_day()
+    with env.db.unit_of_work() as s:
+        li_id = s.scalars(select(User.id).where(User.email == "li.ming@cq-ids.example")).one()
+        alice_id = s.scalars(select(User.id).where(User.email == "alice@example.org")).one()
+        s.add(Booking(instrument_id=env.world.instruments["CONF"], user_id=li_id, starts_at=start,
+                      ends_at=start + timedelta(hours=1), status=BookingStatus.confirmed))
+        lab = env.world.facilities["CQ-LAB"]
+        s.add_all([RoleGrant(user_id=uid, role=Role.facility_staff, facility_id=lab, scope_key=f"facility:{lab}")
+                   for uid in (li_id, alice_id)])
+        s.add(RoleGrant(user_id=li_id, role=Role.region_authority, region_code="CQ", scope_key="region:CQ"))
     merged = cli.invoke(cli_app, ["idp", "merge", "--from", "li.ming@cq-ids.example", "--into", "alice@example.org"])
     assert merged.exit_code == 0, merged.output
     with env.db.unit_of_work(write=False) as s:
@@ -442,6 +454,10 @@ def test_cli_merge_moves_identities_and_deactivates(env: Env, cli: CliRunner) ->
         assert s.scalars(select(ExternalIdentity.user_id)).one() == alice.id
         assert not li.is_active
         assert s.scalar(select(func.count()).select_from(WebSession).where(WebSession.user_id == li.id)) == 0
+        assert s.scalars(select(Booking.user_id)).all() == [alice.id]
+        assert sorted(s.execute(select(RoleGrant.user_id, RoleGrant.role)).tuples()) == [
+            (alice.id, Role.facility_staff), (alice.id, Role.region_authority)]
+    assert "1 bookings and 1 roles" in merged.output
     assert env.client.get("/bookings", follow_redirects=False).status_code == 303  # li's session is gone
     env.client.cookies.clear()
     env.client.cookies.set("lang", "en")

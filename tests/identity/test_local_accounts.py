@@ -353,3 +353,23 @@ def test_cli_sets_a_password_and_ends_sessions(world: World, client: TestClient)
     assert result.exit_code == 0, result.output
     assert count(world.db, WebSession) == 0
     assert post_login(client, "alice@example.org", NEW_PASSWORD).status_code == 303
+
+
+def test_a_new_password_cancels_open_reset_links(world: World) -> None:
+    with world.db.unit_of_work() as session:
+        token = passwords.request_reset(session, "alice@example.org")
+    assert token
+    with world.db.unit_of_work() as session:
+        passwords.set_password_for_email(session, "alice@example.org", NEW_PASSWORD)
+    with world.db.unit_of_work() as session, pytest.raises(passwords.ResetLinkInvalid):
+        passwords.check_reset_token(session, token)
+
+
+def test_signing_in_again_ends_the_browser_s_previous_session(world: World, client: TestClient) -> None:
+    assert post_login(client, "alice@example.org", PASSWORD).status_code == 303
+    first = client.cookies.get("labcommons_session")
+    assert post_login(client, "bob@example.org", PASSWORD).status_code == 303
+    assert client.cookies.get("labcommons_session") != first
+    with world.db.unit_of_work(write=False) as session:
+        assert service.actor_for_web_session(session, first or "") is None
+    assert count(world.db, WebSession) == 1

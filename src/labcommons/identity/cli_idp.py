@@ -84,5 +84,6 @@ def merge(
             result = federation.merge_users(session, from_email=from_email, into_email=into_email)
     except DomainError as exc:
         raise fail(exc) from exc
-    console.print(f"moved {result.identities_moved} identities, ended {result.sessions_ended} sessions; "
+    console.print(f"moved {result.identities_moved} identities, {result.bookings_moved} bookings and "
+                  f"{result.roles_moved} roles, ended {result.sessions_ended} sessions; "
                   f"{from_email} is deactivated")

@@ -32,11 +32,19 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from labcommons.booking.models import Booking
 from labcommons.catalog.models import Institution, Region
 from labcommons.config import get_settings
 from labcommons.db import utcnow
 from labcommons.errors import Conflict, DomainError, InvalidInput, NotFound
-from labcommons.identity.models import ExternalIdentity, IdentityProvider, LoginState, User, WebSession
+from labcommons.identity.models import (
+    ExternalIdentity,
+    IdentityProvider,
+    LoginState,
+    RoleGrant,
+    User,
+    WebSession,
+)
 
 LOGIN_STATE_LIFETIME = timedelta(minutes=10)
 METADATA_TTL_SECONDS = 3600.0
@@ -603,10 +611,12 @@ def unlink_identity(session: Session, *, user_id: int, identity_id: int) -> None
 class MergeResult:
     identities_moved: int
     sessions_ended: int
+    bookings_moved: int = 0
+    roles_moved: int = 0
 
 
 def merge_users(session: Session, *, from_email: str, into_email: str) -> MergeResult:
-    """Move the external identities of one account into another, end its sessions and deactivate it."""
+    """Move one account's identities, bookings and roles into another, end its sessions and deactivate it."""
     source = session.scalars(select(User).where(User.email == from_email.strip().lower())).first()
     target = session.scalars(select(User).where(User.email == into_email.strip().lower())).first()
     if source is None or target is None:
@@ -619,6 +629,21 @@ def merge_users(session: Session, *, from_email: str, into_email: str) -> MergeR
     sessions = session.scalars(select(WebSession).where(WebSession.user_id == source.id)).all()
     for web_session in sessions:
         session.delete(web_session)
+    # The person's history and duties follow them; a role the target already holds is simply dropped.
+    bookings = session.scalars(select(Booking).where(Booking.user_id == source.id)).all()
+    for booking in bookings:
+        booking.user_id = target.id
+    held = set(session.execute(
+        select(RoleGrant.role, RoleGrant.scope_key).where(RoleGrant.user_id == target.id)
+    ).tuples())
+    roles_moved = 0
+    for grant in session.scalars(select(RoleGrant).where(RoleGrant.user_id == source.id)).all():
+        if (grant.role, grant.scope_key) in held:
+            session.delete(grant)
+        else:
+            grant.user_id = target.id
+            roles_moved += 1
     source.is_active = False
     session.flush()
-    return MergeResult(identities_moved=len(identities), sessions_ended=len(sessions))
+    return MergeResult(identities_moved=len(identities), sessions_ended=len(sessions),
+                       bookings_moved=len(bookings), roles_moved=roles_moved)

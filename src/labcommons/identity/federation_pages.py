@@ -117,7 +117,11 @@ def callback(
         claims = federation.exchange_code(pending, code)
         with db.unit_of_work() as session:
             user = federation.account_for(session, pending, claims)
-            token = None if linking else service.start_web_session(session, user, method=f"oidc:{name}")
+            token = None
+            if not linking:
+                if previous := request.cookies.get(SESSION_COOKIE):
+                    service.end_web_session(session, previous)  # a sign-in never leaves the old session behind
+                token = service.start_web_session(session, user, method=f"oidc:{name}")
             user_name = user.name
     except SignInRefused as exc:
         return _refused(request, exc, linking=linking, next_path=pending.next_path)

@@ -87,6 +87,8 @@ def login(
         with db.unit_of_work() as session:
             user = service.verify_password(session, email, password)
             passwords.attempt_succeeded(session, keys, email)
+            if previous := request.cookies.get(SESSION_COOKIE):
+                service.end_web_session(session, previous)  # a sign-in never leaves the old session behind
             token = service.start_web_session(session, user)
             name = user.name
     except TooManyAttempts as exc:

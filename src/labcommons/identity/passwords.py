@@ -173,10 +173,15 @@ def check_new_password(email: str, password: str, confirmation: str | None = Non
 
 
 def set_password(session: Session, user: User, password: str, *, confirmation: str | None = None) -> None:
-    """Give a user a new local password and end every browser session they had."""
+    """Give a user a new local password, end every browser session they had and cancel open reset links."""
     check_new_password(user.email, password, confirmation)
     user.password_hash = hash_password(password)
     session.execute(delete(WebSession).where(WebSession.user_id == user.id))
+    session.execute(
+        update(PasswordReset)
+        .where(PasswordReset.user_id == user.id, PasswordReset.used_at.is_(None))
+        .values(used_at=utcnow())
+    )
     clear(session, [email_key(user.email)])
     session.flush()
 
@@ -246,12 +251,7 @@ def complete_reset(
     )
     if claimed.rowcount != 1:  # type: ignore[attr-defined]
         raise ResetLinkInvalid(LINK_INVALID)
-    session.execute(
-        update(PasswordReset)
-        .where(PasswordReset.user_id == user.id, PasswordReset.used_at.is_(None))
-        .values(used_at=now)
-    )
-    set_password(session, user, password)
+    set_password(session, user, password)  # which also cancels the user's other links
     return user
 
 
