@@ -1,6 +1,15 @@
 """Imports every domain's tables so the metadata is complete (Alembic and tests use it)."""
 
-from labcommons.booking.models import Booking, IdempotencyRecord
+from labcommons.booking.models import (
+    Booking,
+    BookingPolicy,
+    BookingSeries,
+    CalendarFeed,
+    IdempotencyRecord,
+    InstrumentToken,
+    Qualification,
+    WaitlistEntry,
+)
 from labcommons.catalog.models import Category, Facility, Institution, Instrument, Region, Service
 from labcommons.db import Base
 from labcommons.identity.models import (
@@ -19,10 +28,38 @@ from labcommons.identity.models import (
     User,
     WebSession,
 )
+from labcommons.notifications.models import Job, NotificationPreference
 
 __all__ = [
-    "ApiToken", "Base", "Booking", "Category", "ExternalIdentity", "Facility", "IdempotencyRecord",
-    "IdentityProvider", "Institution", "Instrument", "LoginState", "LoginThrottle", "OidcAccessToken",
-    "OidcAuthorizationCode", "OidcClient", "OidcConsent", "PasswordReset", "Region", "RoleGrant", "Service",
-    "SigningKey", "User", "WebSession",
+    "ApiToken",
+    "Base",
+    "Booking",
+    "BookingPolicy",
+    "BookingSeries",
+    "CalendarFeed",
+    "Category",
+    "ExternalIdentity",
+    "Facility",
+    "IdempotencyRecord",
+    "IdentityProvider",
+    "Institution",
+    "Instrument",
+    "InstrumentToken",
+    "Job",
+    "LoginState",
+    "LoginThrottle",
+    "NotificationPreference",
+    "OidcAccessToken",
+    "OidcAuthorizationCode",
+    "OidcClient",
+    "OidcConsent",
+    "PasswordReset",
+    "Qualification",
+    "Region",
+    "RoleGrant",
+    "Service",
+    "SigningKey",
+    "User",
+    "WaitlistEntry",
+    "WebSession",
 ]

@@ -17,11 +17,13 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, joinedload
 
 from labcommons.actor import Actor
-from labcommons.booking.models import ACTIVE_STATUSES, Booking, BookingStatus
+from labcommons.booking import policy, waitlist
+from labcommons.booking.models import ACTIVE_STATUSES, Booking, BookingKind, BookingStatus
 from labcommons.catalog import service as catalog
 from labcommons.catalog.models import Instrument, InstrumentStatus
 from labcommons.db import add_minutes, utcnow
 from labcommons.errors import Conflict, InvalidInput, NotFound
+from labcommons.notifications.service import notify
 from labcommons.pagination import decode_cursor, encode_cursor
 
 MAX_PURPOSE_LENGTH = 2000
@@ -152,16 +154,24 @@ def reserve_slot(
     *,
     now: datetime | None = None,
 ) -> Booking:
-    """Book [starts_at, ends_at) on an instrument for the actor; OverlappingBooking if the time is taken."""
+    """Book [starts_at, ends_at) on an instrument for the actor; OverlappingBooking if the time is taken.
+
+    A booking of an instrument that needs approval is created pending; it holds its time all the same.
+    """
+    now = now or utcnow()
     instrument = catalog.get_instrument(session, instrument_id)
-    check_booking_request(instrument, actor, starts_at, ends_at, purpose, now=now or utcnow())
+    check_booking_request(instrument, actor, starts_at, ends_at, purpose, now=now)
+    lock_instrument(session, instrument.id)
+    policy.check_policy(session, actor, instrument, starts_at, ends_at, now=now)
+    status = policy.initial_status(session, actor, instrument)
     booking = Booking(
         instrument_id=instrument.id,
         user_id=actor.user_id,
         starts_at=starts_at,
         ends_at=ends_at,
-        status=BookingStatus.confirmed,
+        status=status,
         purpose=purpose,
+        kind=BookingKind.use,
     )
     booking.instrument = instrument
     try:
@@ -178,7 +188,19 @@ def reserve_slot(
         raise OverlappingBooking(
             "This time overlaps another booking of the instrument.", field="starts_at", conflicts=taken
         ) from exc
+    notify(session, "requested" if status == BookingStatus.pending else "created", booking)
     return booking
+
+
+def lock_instrument(session: Session, instrument_id: int) -> None:
+    """Serialise writers of one instrument's calendar for the rest of the transaction.
+
+    Overlap is the database's own guarantee; rules that look at neighbouring bookings (buffers, weekly quotas,
+    maintenance) are checked under this lock so two app processes cannot both pass them. SQLite writers are
+    already serialised by BEGIN IMMEDIATE.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(select(Instrument.id).where(Instrument.id == instrument_id).with_for_update())
 
 
 def _owned_booking(session: Session, actor: Actor, booking_id: int, *, lock: bool = False) -> Booking:
@@ -213,9 +235,14 @@ def cancel_booking(
         )
     if booking.ends_at <= now:
         raise BookingNotCancellable("The booking has already ended.", field="booking_id")
+    policy.check_cancellation(session, actor, booking, now=now)
     booking.status = BookingStatus.cancelled
     booking.cancelled_at = now
+    booking.cancel_kind = "user"
+    booking.cancelled_by_id = actor.user_id
     session.flush()
+    notify(session, "cancelled", booking)
+    waitlist.slot_freed(session, booking, now=now)
     return booking
 
 
@@ -241,7 +268,7 @@ def list_bookings(
     now = now or utcnow()
     stmt = (
         select(Booking)
-        .where(Booking.user_id == actor.user_id)
+        .where(Booking.user_id == actor.user_id, Booking.kind == BookingKind.use)
         .options(joinedload(Booking.instrument).joinedload(Instrument.institution))
     )
     if status is not None:

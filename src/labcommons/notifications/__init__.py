@@ -1,0 +1,1 @@
+"""Notifications to users about their bookings, sent by the background job runner."""
