@@ -17,9 +17,16 @@ from labcommons.http import SESSION_COOKIE, install_error_handlers
 API_PREFIX = "/api/v1"
 
 
-def create_app(settings: Settings | None = None, db: Database | None = None) -> FastAPI:
-    """Build the app; the database comes from `db` or from the settings' URL when it starts."""
+def create_app(
+    settings: Settings | None = None, db: Database | None = None, *, run_jobs: bool | None = None
+) -> FastAPI:
+    """Build the app; the database comes from `db` or from the settings' URL when it starts.
+
+    `run_jobs` starts the in-process job runner with the lifespan; by default only an app that owns its database
+    (serve, demo, asgi) runs one, so tests that pass `db` never have a thread sending their mail behind them.
+    """
     settings = settings or get_settings()
+    in_process_jobs = settings.jobs_in_process and (db is None if run_jobs is None else run_jobs)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -28,9 +35,17 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
             settings.database_url, busy_timeout=settings.sqlite_busy_timeout_seconds,
             pool_size=settings.db_pool_size,
         )
+        runner = None
+        if in_process_jobs:
+            from labcommons.jobs import Worker
+
+            runner = app.state.job_runner = Worker(app.state.db, poll_seconds=settings.job_poll_seconds)
+            runner.start()
         try:
             yield
         finally:
+            if runner is not None:
+                runner.stop()
             if owned:
                 app.state.db.dispose()
 
@@ -48,11 +63,18 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
     install_error_handlers(app)
 
     from labcommons.booking.api import router as booking_api
+    from labcommons.booking.extra_api import router as booking_extra_api
     from labcommons.catalog.api import router as catalog_api
 
     api = APIRouter(prefix=API_PREFIX)
     api.include_router(catalog_api)
     api.include_router(booking_api)
+    api.include_router(booking_extra_api)
+    from labcommons.notifications.api import router as notifications_api
+
+    api.include_router(notifications_api)
+    from labcommons.booking.manage_api import router as manage_api
+    api.include_router(manage_api)
 
     @api.get("/health", tags=["ops"])
     def health() -> dict[str, str]:
@@ -60,7 +82,9 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
 
     app.include_router(api)
 
+    from labcommons.booking.extra_pages import router as booking_extra_pages
     from labcommons.booking.pages import router as booking_pages
+    from labcommons.booking.usage_pages import router as usage_pages
     from labcommons.catalog.pages import router as catalog_pages
     from labcommons.identity.account_pages import router as account_pages
     from labcommons.identity.admin_pages import router as admin_pages
@@ -70,11 +94,18 @@ def create_app(settings: Settings | None = None, db: Database | None = None) -> 
 
     app.include_router(catalog_pages)
     app.include_router(booking_pages)
+    app.include_router(booking_extra_pages)
+    app.include_router(usage_pages)
+    from labcommons.booking.manage_pages import router as manage_pages
+    app.include_router(manage_pages)
     app.include_router(identity_pages)
     app.include_router(federation_pages)
     app.include_router(provider_pages)
     app.include_router(account_pages)
     app.include_router(admin_pages)
+    from labcommons.notifications.pages import router as notifications_pages
+
+    app.include_router(notifications_pages)
     app.mount("/static", StaticFiles(directory=Path(__file__).parent / "static"), name="static")
 
     @app.middleware("http")

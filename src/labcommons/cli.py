@@ -35,6 +35,15 @@ def _add_identity_commands() -> None:
 
 _add_identity_commands()
 
+
+def _add_usage_commands() -> None:
+    from labcommons.booking import cli_instruments
+
+    app.add_typer(cli_instruments.app, name="instrument-tokens", help="Instrument tokens for kiosks and interlocks.")
+
+
+_add_usage_commands()
+
 _database = database
 _fail = fail
 
@@ -112,6 +121,36 @@ def serve(
 ) -> None:
     """Serve the web pages and the API."""
     _serve(host, port, workers)
+
+
+@app.command("worker")
+def worker_command(
+    once: Annotated[bool, typer.Option(help="Run the jobs that are due now, then exit")] = False,
+    poll: Annotated[float | None, typer.Option(help="Seconds between polls when idle (default: settings)")] = None,
+    worker_id: Annotated[str | None, typer.Option("--id", help="Name in the jobs' locked_by column")] = None,
+) -> None:
+    """Run background jobs (e-mail, reminders) from the queue until interrupted; any number may run at once."""
+    from labcommons import jobs
+
+    db = _database()
+    if once:
+        stats = jobs.run_pending(db, worker_id, limit=10_000)
+        console.print(f"{stats.done} done, {stats.retried} to retry, {stats.failed} failed")
+        return
+    totals = jobs.RunStats()
+    with console.status("waiting for jobs") as status:
+        def report(stats: jobs.RunStats) -> None:
+            totals.done, totals.retried, totals.failed = (
+                totals.done + stats.done, totals.retried + stats.retried, totals.failed + stats.failed)
+            status.update(f"worker {worker.worker_id}: {totals.done} done, {totals.retried} retried, "
+                          f"{totals.failed} failed; waiting for jobs")
+
+        worker = jobs.Worker(db, worker_id, poll_seconds=poll, on_batch=report)
+        try:
+            worker.run()
+        except KeyboardInterrupt:
+            worker.stop_event.set()
+    console.print(f"stopped: {totals.done} done, {totals.retried} retried, {totals.failed} failed")
 
 
 @app.command("demo")

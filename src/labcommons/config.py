@@ -48,6 +48,17 @@ class Settings(BaseSettings):
     smtp_starttls: bool = False
     mail_from: str = "LabCommons <noreply@labcommons.local>"
 
+    # Background jobs (e-mail, reminders). A server that owns its database runs them in a thread unless this is
+    # off (then run `labcommons worker`); the poll interval bounds how late a due job starts.
+    jobs_in_process: bool = True
+    job_poll_seconds: float = 5.0
+    job_max_attempts: int = 5
+    # Retry n waits base * 2^(n-1) seconds, at most the maximum.
+    job_retry_base_seconds: float = 30.0
+    job_retry_max_seconds: float = 3600.0
+    # A job running longer than this is taken to have lost its worker and is queued again.
+    job_stale_minutes: int = 15
+
     # The platform as OpenID Connect provider.
     oidc_code_lifetime_seconds: int = 60
     oidc_token_lifetime_seconds: int = 3600

@@ -89,7 +89,7 @@ def test_sign_in_search_book_and_see_the_double_booking_refused(
         form.locator("input[name=start]").fill(start.strftime("%H:%M"))
         form.locator("select[name=duration]").select_option(str(length))
         form.locator("textarea[name=purpose]").fill(purpose)
-        form.locator("button[type=submit]").click()
+        form.locator("button.book-once").click()
 
     fill_booking("单细胞转录组测序")
     expect(pg).to_have_url(f"{server}/bookings")
@@ -106,8 +106,8 @@ def test_sign_in_search_book_and_see_the_double_booking_refused(
     fill_booking("再订一次")
     expect(pg.locator("#book-error")).to_contain_text("该时段已被预约")
     # The form keeps what was typed.
-    expect(pg.locator("textarea[name=purpose]")).to_have_value("再订一次")
-    expect(pg.locator("input[name=start]")).to_have_value(start.strftime("%H:%M"))
+    expect(pg.locator("form.book-form textarea[name=purpose]")).to_have_value("再订一次")
+    expect(pg.locator("form.book-form input[name=start]")).to_have_value(start.strftime("%H:%M"))
 
     pg.goto(f"{server}/bookings")
     expect(pg.locator("#upcoming .booking")).to_have_count(1)

@@ -113,7 +113,7 @@ def test_sign_in_with_the_sichuan_demo_service_and_book(
     form.locator("input[name=start]").fill(start.strftime("%H:%M"))
     form.locator("select[name=duration]").select_option(str(length))
     form.locator("textarea[name=purpose]").fill("空间转录组预实验")
-    form.locator("button[type=submit]").click()
+    form.locator("button.book-once").click()
     expect(pg).to_have_url(f"{server}/bookings")
     expect(pg.locator(".flash")).to_contain_text("预约成功：高通量基因测序仪")
     expect(pg.locator("#upcoming .booking")).to_have_count(1)

@@ -40,7 +40,9 @@ def booking_error_message(exc: DomainError) -> str:
         "instrument_not_active": _("This instrument cannot be booked at the moment."),
         "too_long": _("The purpose is too long (2,000 characters at most)."),
     }
-    return messages.get(exc.code, _("The booking could not be made."))
+    from labcommons.booking.manage_pages import booking_rule_message  # the per-instrument rules' messages
+
+    return messages.get(exc.code) or booking_rule_message(exc) or _("The booking could not be made.")
 
 
 def _parse_form(
@@ -117,6 +119,7 @@ def book(
                 session, actor, body.instrument_id, body.starts_at, body.ends_at, body.purpose
             )
             name, when = localized(booking.instrument, "name"), _when(request, booking)
+            pending = booking.status == BookingStatus.pending
     except (InvalidInput, Conflict) as exc:
         message = exc.message if exc.code == "form" else booking_error_message(exc)
         try:
@@ -127,6 +130,10 @@ def book(
             request, db, instrument_id, week=week, form=form, error=message, error_field=exc.field,
             status_code=exc.status_code,
         )
+    if pending:
+        return redirect("/bookings", flash=_(
+            "Requested: %(name)s, %(when)s. The facility will approve or decline it; you will get an e-mail."
+        ) % {"name": name, "when": when})
     return redirect("/bookings", flash=_("Booked: %(name)s, %(when)s.") % {"name": name, "when": when})
 
 

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import HTMLResponse
 
+from labcommons.booking import policy as booking_policy
 from labcommons.booking import service as booking
 from labcommons.catalog import service
 from labcommons.catalog.models import Instrument, InstrumentStatus, OpenTo
@@ -210,6 +211,7 @@ def render_instrument_page(
     now = utcnow()
     with db.unit_of_work(write=False) as session:
         instrument = service.get_instrument(session, instrument_id)
+        policy = booking_policy.policy_for(session, instrument_id)
     zone = user_zone(request)
     monday = _monday(week or now.astimezone(zone).date())
     calendar = week_calendar(request, db, instrument, monday, now=now)
@@ -218,7 +220,7 @@ def render_instrument_page(
     context: dict[str, Any] = dict(
         instrument=instrument, calendar=calendar, form=values, error=error, error_field=error_field,
         status_label=status_label, open_to_label=open_to_label, durations=duration_choices(instrument),
-        today=now.astimezone(zone).date().isoformat(),
+        today=now.astimezone(zone).date().isoformat(), policy=policy,
     )
     if is_htmx(request) and request.headers.get("hx-target") == "calendar":
         return render(request, "catalog/_calendar.html", status_code, **context)

@@ -12,7 +12,7 @@ from sqlalchemy import case, delete, literal, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from labcommons import mail
+from labcommons import jobs, mail
 from labcommons.config import get_settings
 from labcommons.db import UTCDateTime, utcnow
 from labcommons.errors import DomainError, InvalidInput, NotFound, TooManyAttempts
@@ -204,7 +204,7 @@ def _reset_mail(user: User, link: str, minutes: int) -> mail.Mail:
 
 
 def request_reset(session: Session, email: str, *, now: datetime | None = None) -> str | None:
-    """Create a reset link for an active local account and queue its e-mail; None (and no mail) otherwise.
+    """Create a reset link for an active local account and queue its e-mail job; None (and no mail) otherwise.
 
     Returns the token for the CLI and tests; pages must not show it.
     """
@@ -218,7 +218,9 @@ def request_reset(session: Session, email: str, *, now: datetime | None = None) 
     session.add(PasswordReset(user_id=user.id, token_hash=_digest(token), created_at=now, expires_at=now + lifetime))
     session.flush()
     link = f"{settings.public_base_url.rstrip('/')}/password/reset/{token}"
-    mail.queue(session, _reset_mail(user, link, retry_minutes(settings.password_reset_lifetime_seconds)))
+    message = _reset_mail(user, link, retry_minutes(settings.password_reset_lifetime_seconds))
+    # Sent by the job runner, so the answer does not wait for SMTP (nor reveal by its timing that the account exists).
+    jobs.enqueue(session, "send_mail", {"to": message.to, "subject": message.subject, "text": message.text})
     return token
 
 

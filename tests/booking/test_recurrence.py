@@ -1,0 +1,129 @@
+"""Recurring bookings: all-or-nothing unless the user keeps the bookable part; wall-clock stable across DST."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
+
+import pytest
+from sqlalchemy import func, select
+
+from labcommons.booking import recurrence, service
+from labcommons.booking.models import Booking, BookingSeries
+from labcommons.db import Database
+from labcommons.errors import InvalidInput
+from tests.api_client import client_for
+from tests.factories import World, next_grid_day
+
+
+def counts(db: Database) -> tuple[int, int]:
+    with db.unit_of_work(write=False) as s:
+        return (int(s.scalar(select(func.count()).select_from(Booking)) or 0),
+                int(s.scalar(select(func.count()).select_from(BookingSeries)) or 0))
+
+
+def test_every_occurrence_books(world: World) -> None:
+    start = next_grid_day()
+    with world.db.unit_of_work() as s:
+        result = recurrence.book_series(s, world.actors["alice"], world.instruments["CONF"], start, 60,
+                                        "FREQ=WEEKLY;COUNT=4", "weekly imaging", timezone="Asia/Shanghai")
+        assert result.status == "booked" and result.series is not None
+        series_id = result.series.id
+    with world.db.unit_of_work(write=False) as s:
+        rows = s.scalars(select(Booking).where(Booking.series_id == series_id).order_by(Booking.starts_at)).all()
+    assert [b.starts_at for b in rows] == [start + timedelta(weeks=i) for i in range(4)]
+    assert all(b.ends_at - b.starts_at == timedelta(hours=1) for b in rows)
+
+
+@pytest.mark.parametrize(("keep", "status", "bookings"), [(None, "preview", 1), (False, "none", 1),
+                                                          (True, "partial", 4)])
+def test_conflicts_leave_the_decision_to_the_user(world: World, keep: bool | None, status: str,
+                                                  bookings: int) -> None:
+    start = next_grid_day()
+    with world.db.unit_of_work() as s:
+        service.reserve_slot(s, world.actors["bob"], world.instruments["CONF"], start + timedelta(weeks=1),
+                             start + timedelta(weeks=1, hours=1))
+    with world.db.unit_of_work() as s:
+        result = recurrence.book_series(s, world.actors["alice"], world.instruments["CONF"], start, 60,
+                                        "RRULE:FREQ=WEEKLY;COUNT=4", keep_partial=keep, timezone="Asia/Shanghai")
+    assert result.status == status
+    assert [o.bookable for o in result.occurrences] == [True, False, True, True]
+    assert result.occurrences[1].code == "overlapping_booking"
+    assert result.bookable_count == 3
+    assert counts(world.db) == (bookings, 1 if keep else 0)
+
+
+def test_wall_clock_is_kept_across_dst(world: World) -> None:
+    # Berlin moves to summer time on Sunday 2030-03-31: Monday 09:00 stays 09:00 locally, one hour earlier in UTC.
+    now = datetime(2030, 3, 1, tzinfo=UTC)
+    first = datetime(2030, 3, 18, 9, 0, tzinfo=ZoneInfo("Europe/Berlin"))
+    with world.db.unit_of_work() as s:
+        result = recurrence.book_series(s, world.actors["alice"], world.instruments["CONF"], first, 90,
+                                        "FREQ=WEEKLY;BYDAY=MO;COUNT=4", timezone="Europe/Berlin", now=now)
+        assert result.status == "booked"
+    starts = [o.starts_at for o in result.occurrences]
+    assert [t.hour for t in starts] == [8, 8, 7, 7]
+    assert {t.astimezone(ZoneInfo("Europe/Berlin")).strftime("%a %H:%M") for t in starts} == {"Mon 09:00"}
+    assert all(o.ends_at - o.starts_at == timedelta(minutes=90) for o in result.occurrences)
+
+
+@pytest.mark.parametrize(("rule", "code"), [
+    ("FREQ=DAILY;COUNT=53", "too_many_occurrences"),
+    ("FREQ=WEEKLY", "unbounded_rrule"),
+    ("FREQ=MONTHLY;COUNT=14", "series_too_long"),
+    ("FREQ=SOMETIMES;COUNT=2", "invalid_rrule"),
+    ("FREQ=WEEKLY;COUNT=2\nRDATE:20300101T000000Z", "invalid_rrule"),
+])
+def test_rules_are_capped_and_checked(world: World, rule: str, code: str) -> None:
+    with world.db.unit_of_work() as s, pytest.raises(InvalidInput) as refused:
+        recurrence.book_series(s, world.actors["alice"], world.instruments["CONF"], next_grid_day(), 60, rule)
+    assert refused.value.code == code
+    assert counts(world.db) == (0, 0)
+
+
+def test_series_api(world: World) -> None:
+    client = client_for(world.db)
+    start = next_grid_day()
+    with world.db.unit_of_work() as s:
+        service.reserve_slot(s, world.actors["bob"], world.instruments["CONF"], start + timedelta(days=1),
+                             start + timedelta(days=1, hours=1))
+    body = {"instrument_id": world.instruments["CONF"], "first_starts_at": start.isoformat(), "duration_minutes": 60,
+            "rrule": "FREQ=DAILY;COUNT=3", "timezone": "Asia/Shanghai"}
+    preview = client.post("/api/v1/bookings/series", json=body, headers=world.headers("alice"))
+    assert preview.status_code == 409, preview.text
+    assert preview.json()["error"] == "series_conflicts"
+    assert [o["bookable"] for o in preview.json()["occurrences"]] == [True, False, True]
+    kept = client.post("/api/v1/bookings/series", json={**body, "keep_partial": True}, headers=world.headers("alice"))
+    assert kept.status_code == 201, kept.text
+    assert kept.json()["status"] == "partial" and kept.json()["series_id"]
+    assert [o["booking_id"] is not None for o in kept.json()["occurrences"]] == [True, False, True]
+
+
+def test_series_from_the_instrument_page(world: World) -> None:
+    from zoneinfo import ZoneInfo
+
+    from fastapi.testclient import TestClient
+
+    from labcommons.app import create_app
+    from tests.web.conftest import csrf_of, sign_in
+
+    start = next_grid_day()
+    with world.db.unit_of_work() as s:
+        service.reserve_slot(s, world.actors["bob"], world.instruments["CONF"], start + timedelta(weeks=2),
+                             start + timedelta(weeks=2, hours=1))
+    local = start.astimezone(ZoneInfo("Asia/Shanghai"))
+    conf = world.instruments["CONF"]
+    with TestClient(create_app(db=world.db)) as client:
+        sign_in(client, "alice")
+        page = client.get(f"/instruments/{conf}")
+        assert f'formaction="/instruments/{conf}/book-series"' in page.text
+        form = {"csrf_token": csrf_of(page.text), "date": f"{local:%Y-%m-%d}", "start": f"{local:%H:%M}",
+                "duration": "60", "purpose": "time course", "repeat": "weekly", "count": "3"}
+        preview = client.post(f"/instruments/{conf}/book-series", data=form)
+        assert preview.status_code == 409
+        assert preview.text.count('class="bookable"') == 2 and preview.text.count('class="refused"') == 1
+        assert 'name="keep" value="yes"' in preview.text
+        assert counts(world.db) == (1, 0)
+        kept = client.post(f"/instruments/{conf}/book-series", data={**form, "keep": "yes"}, follow_redirects=False)
+        assert kept.status_code == 303 and kept.headers["location"] == "/bookings"
+    assert counts(world.db) == (3, 1)

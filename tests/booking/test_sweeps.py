@@ -1,0 +1,30 @@
+"""The periodic booking sweep runs through the job queue once per interval, however many workers ask."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from sqlalchemy import func, select
+
+from labcommons import jobs
+from labcommons.booking.models import Booking
+from labcommons.db import utcnow
+from labcommons.notifications.models import Job, JobStatus
+from tests.booking.test_usage import add_booking, grid_now
+from tests.factories import World
+
+
+def test_periodic_sweep_is_queued_once_per_interval_and_marks_no_shows(world: World) -> None:
+    late = add_booking(world, "alice", starts_at=grid_now() - timedelta(minutes=60), minutes=90)
+    now = utcnow()
+    assert jobs.schedule_periodic(world.db, now=now) == 1
+    assert jobs.schedule_periodic(world.db, now=now) == 0  # a second worker in the same minute adds nothing
+    stats = jobs.run_pending(world.db, "test-worker", now=now)
+    assert stats.done == 1 and stats.failed == 0
+    with world.db.unit_of_work(write=False) as s:
+        assert s.get(Booking, late).no_show is True  # type: ignore[union-attr]
+        sweeps = s.scalars(select(Job.status).where(Job.kind == "booking_sweep")).all()
+    assert sweeps == [JobStatus.done]
+    assert jobs.schedule_periodic(world.db, now=now + timedelta(seconds=61)) == 1
+    with world.db.unit_of_work(write=False) as s:
+        assert s.scalar(select(func.count()).select_from(Job).where(Job.kind == "booking_sweep")) == 2

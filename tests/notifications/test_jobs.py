@@ -1,0 +1,208 @@
+"""The job queue in the database: dedupe, retries with backoff, stale locks, parallel workers, the app runner."""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy import func, select
+
+from labcommons import jobs
+from labcommons.app import create_app
+from labcommons.db import Database, utcnow
+from labcommons.notifications.models import Job, JobStatus
+from tests.test_mail import settings_env
+
+_calls: Counter[str] = Counter()
+_failures_left: dict[str, int] = {}
+_lock = threading.Lock()
+
+
+@jobs.handler("test_echo")
+def _echo(session: Any, payload: dict[str, Any]) -> None:
+    with _lock:
+        if _failures_left.get(payload["name"], 0) > 0:
+            _failures_left[payload["name"]] -= 1
+            raise ConnectionError("the service is down")
+        _calls[payload["name"]] += 1
+
+
+@pytest.fixture(autouse=True)
+def _reset() -> None:
+    _calls.clear()
+    _failures_left.clear()
+
+
+def all_jobs(db: Database) -> list[Job]:
+    with db.unit_of_work(write=False) as session:
+        return list(session.scalars(select(Job).order_by(Job.id)))
+
+
+def put(db: Database, name: str, **kw: Any) -> int | None:
+    with db.unit_of_work() as session:
+        return jobs.enqueue(session, "test_echo", {"name": name}, **kw)
+
+
+def test_enqueue_is_idempotent_on_the_dedupe_key(db: Database) -> None:
+    first = put(db, "a", dedupe_key="k1")
+    assert first is not None
+    assert put(db, "a", dedupe_key="k1") is None
+    assert put(db, "b") is not None and put(db, "b") is not None  # no key, no dedupe
+    assert [j.dedupe_key for j in all_jobs(db)] == ["k1", None, None]
+
+
+def test_a_rolled_back_transaction_enqueues_nothing(db: Database) -> None:
+    with pytest.raises(RuntimeError), db.unit_of_work() as session:
+        jobs.enqueue(session, "test_echo", {"name": "x"}, dedupe_key="x")
+        raise RuntimeError("the change failed")
+    assert all_jobs(db) == []
+
+
+def test_runner_runs_each_job_once_and_then_nothing(db: Database) -> None:
+    put(db, "a", dedupe_key="a")
+    stats = jobs.run_pending(db, "w1")
+    assert (stats.done, stats.retried, stats.failed) == (1, 0, 0)
+    assert jobs.run_pending(db, "w1").total == 0
+    assert _calls == Counter({"a": 1})
+    [job] = all_jobs(db)
+    assert job.status == JobStatus.done and job.attempts == 1 and job.finished_at is not None
+    assert job.locked_at is None
+
+
+def test_jobs_wait_for_their_run_after(db: Database) -> None:
+    now = utcnow()
+    put(db, "later", run_after=now + timedelta(hours=2))
+    assert jobs.run_pending(db, "w", now=now).total == 0
+    assert jobs.run_pending(db, "w", now=now + timedelta(hours=2)).done == 1
+
+
+def test_a_failure_is_retried_with_backoff(db: Database) -> None:
+    _failures_left["flaky"] = 2
+    put(db, "flaky")
+    now = utcnow()
+    assert jobs.run_pending(db, "w", now=now).retried == 1
+    [job] = all_jobs(db)
+    assert job.status == JobStatus.queued and job.attempts == 1 and "service is down" in job.last_error
+    assert job.run_after == now + jobs.backoff(1)
+    assert jobs.run_pending(db, "w", now=now).total == 0  # not due yet
+    second = now + jobs.backoff(1)
+    assert jobs.run_pending(db, "w", now=second).retried == 1
+    assert all_jobs(db)[0].run_after == second + jobs.backoff(2) == second + 2 * jobs.backoff(1)
+    assert jobs.run_pending(db, "w", now=second + jobs.backoff(2)).done == 1
+    assert _calls == Counter({"flaky": 1})
+    assert all_jobs(db)[0].attempts == 3
+
+
+def test_after_max_attempts_the_job_fails(db: Database) -> None:
+    _failures_left["doomed"] = 99
+    with db.unit_of_work() as session:
+        jobs.enqueue(session, "test_echo", {"name": "doomed"}, max_attempts=3)
+    moment = utcnow()
+    for _ in range(3):
+        jobs.run_pending(db, "w", now=moment)
+        moment += timedelta(days=1)
+    [job] = all_jobs(db)
+    assert job.status == JobStatus.failed and job.attempts == 3 and "ConnectionError" in job.last_error
+    assert job.finished_at is not None
+    assert jobs.run_pending(db, "w", now=moment + timedelta(days=30)).total == 0
+
+
+def test_an_unknown_kind_fails_at_once(db: Database) -> None:
+    with db.unit_of_work() as session:
+        jobs.enqueue(session, "no_such_kind", {})
+    assert jobs.run_pending(db, "w").failed == 1
+    assert "no handler" in all_jobs(db)[0].last_error
+
+
+def test_a_stale_lock_is_recovered(db: Database) -> None:
+    put(db, "orphan")
+    now = utcnow()
+    claimed = jobs.claim_next(db, "dead-worker", now=now)  # the worker dies before running it
+    assert claimed is not None and all_jobs(db)[0].status == JobStatus.running
+    assert jobs.requeue_stale(db, now=now + timedelta(minutes=1)) == 0  # still within the limit
+    later = now + timedelta(minutes=16)
+    assert jobs.requeue_stale(db, now=later, older_than=timedelta(minutes=15)) == 1
+    job = all_jobs(db)[0]
+    assert job.status == JobStatus.queued and job.locked_by is None
+    assert jobs.run_pending(db, "alive", now=later).done == 1
+    assert _calls == Counter({"orphan": 1})
+    # The presumed-dead worker waking up finds the job gone: it neither runs it again nor marks it.
+    assert jobs.run_claimed(db, claimed, "dead-worker", now=later) == JobStatus.running
+    assert _calls == Counter({"orphan": 1})
+    job = all_jobs(db)[0]
+    assert job.status == JobStatus.done and job.locked_by == "alive" and job.attempts == 2
+
+
+def test_a_stale_job_out_of_attempts_fails(db: Database) -> None:
+    with db.unit_of_work() as session:
+        jobs.enqueue(session, "test_echo", {"name": "x"}, max_attempts=1)
+    now = utcnow()
+    jobs.claim_next(db, "dead", now=now)
+    jobs.requeue_stale(db, now=now + timedelta(hours=1))
+    job = all_jobs(db)[0]
+    assert job.status == JobStatus.failed and "stopped" in job.last_error
+
+
+def test_two_workers_in_parallel_run_every_job_exactly_once(db: Database) -> None:
+    for n in range(20):
+        put(db, f"job{n}", dedupe_key=f"job{n}")
+    start = threading.Barrier(2)
+    results: list[jobs.RunStats] = []
+
+    def work(name: str) -> None:
+        start.wait()
+        results.append(jobs.run_pending(db, name))
+
+    threads = [threading.Thread(target=work, args=(f"w{i}",)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert sum(r.done for r in results) == 20
+    assert _calls == Counter({f"job{n}": 1 for n in range(20)})
+    with db.unit_of_work(write=False) as session:
+        assert session.scalar(select(func.count()).where(Job.status == JobStatus.done)) == 20
+        assert set(session.scalars(select(Job.locked_by))) <= {"w0", "w1"}
+
+
+def test_worker_thread_picks_up_committed_jobs_and_stops(db: Database) -> None:
+    worker = jobs.Worker(db, "bg", poll_seconds=30)
+    worker.start()
+    try:
+        put(db, "woken")  # the commit wakes the worker long before its 30-second poll
+        for _ in range(200):
+            if _calls["woken"]:
+                break
+            threading.Event().wait(0.02)
+        assert _calls == Counter({"woken": 1})
+    finally:
+        worker.stop()
+    assert not worker.running
+
+
+def test_app_lifespan_starts_and_stops_the_in_process_runner(db: Database) -> None:
+    app = create_app(db=db, run_jobs=True)
+    with TestClient(app):
+        runner = app.state.job_runner
+        assert runner.running
+        put(db, "via-app")
+        for _ in range(200):
+            if _calls["via-app"]:
+                break
+            threading.Event().wait(0.02)
+        assert _calls["via-app"] == 1
+    assert not runner.running
+
+
+def test_apps_given_a_database_run_no_jobs_unless_asked(db: Database) -> None:
+    app = create_app(db=db)
+    with TestClient(app):
+        assert not hasattr(app.state, "job_runner")
+    with settings_env(jobs_in_process="false"):
+        switched_off = create_app(db=db, run_jobs=True)
+        with TestClient(switched_off):
+            assert not hasattr(switched_off.state, "job_runner")
