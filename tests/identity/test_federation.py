@@ -455,7 +455,7 @@ def test_cli_merge_moves_identities_and_deactivates(env: Env, cli: CliRunner) ->
         assert not li.is_active
         assert s.scalar(select(func.count()).select_from(WebSession).where(WebSession.user_id == li.id)) == 0
         assert s.scalars(select(Booking.user_id)).all() == [alice.id]
-        assert sorted(s.execute(select(RoleGrant.user_id, RoleGrant.role)).tuples()) == [
+        assert sorted((u, r) for u, r in s.execute(select(RoleGrant.user_id, RoleGrant.role))) == [
             (alice.id, Role.facility_staff), (alice.id, Role.region_authority)]
     assert "1 bookings and 1 roles" in merged.output
     assert env.client.get("/bookings", follow_redirects=False).status_code == 303  # li's session is gone

@@ -633,9 +633,9 @@ def merge_users(session: Session, *, from_email: str, into_email: str) -> MergeR
     bookings = session.scalars(select(Booking).where(Booking.user_id == source.id)).all()
     for booking in bookings:
         booking.user_id = target.id
-    held = set(session.execute(
+    held = {(role, scope) for role, scope in session.execute(
         select(RoleGrant.role, RoleGrant.scope_key).where(RoleGrant.user_id == target.id)
-    ).tuples())
+    )}
     roles_moved = 0
     for grant in session.scalars(select(RoleGrant).where(RoleGrant.user_id == source.id)).all():
         if (grant.role, grant.scope_key) in held:
