@@ -4,8 +4,10 @@ Why a table and not a broker: one mechanism on SQLite and PostgreSQL, jobs are e
 as the change they announce (a rolled-back booking never mails), and there is no extra service to run.
 PostgreSQL workers claim with SELECT ... FOR UPDATE SKIP LOCKED; SQLite claims inside BEGIN IMMEDIATE.
 
-Delivery is at least once with one narrow duplicate window: a handler's work and the job's "done" mark commit in
-one transaction, so only a crash after the side effect (an e-mail handed to SMTP) and before that commit repeats it.
+Delivery is at least once. A handler that only sends (e-mail) runs after its claim is committed, with no write
+transaction open, and "done" is recorded in a second short transaction: a crash or database error after the mail
+was handed to SMTP and before that commit, or a run longer than `job_stale_minutes`, sends it again. Handlers
+registered with `writes=True` do their database work and the "done" mark in one transaction instead.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import event, select, update
+from sqlalchemy import delete, event, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -40,6 +42,9 @@ class _Registered:
     run: Handler
     # The payload is wiped once the job is finished (it may hold a password-reset link).
     sensitive: bool = False
+    # Database work: runs in the write transaction that marks the job done. Otherwise the handler gets a read
+    # session (rolled back afterwards) and runs with no write lock held, so a slow SMTP server blocks no writer.
+    writes: bool = False
 
 
 _HANDLERS: dict[str, _Registered] = {}
@@ -48,16 +53,22 @@ HANDLER_MODULES = ("labcommons.notifications.service", "labcommons.booking.sweep
 # Jobs every worker loop makes sure exist once per interval: (kind, seconds). The dedupe key names the interval,
 # so however many workers run, each sweep runs once per interval.
 PERIODIC: tuple[tuple[str, int], ...] = (("booking_sweep", 60),)
+# How long finished jobs are kept for inspection before the sweep prunes them (failed ones are worth a longer look).
+KEEP_FINISHED = timedelta(days=7)
+KEEP_FAILED = timedelta(days=30)
 _ENQUEUED_KEY = "labcommons_jobs_enqueued"
 # Set after a commit that enqueued work, so an in-process worker picks it up without waiting for its poll.
 _wake = threading.Event()
 
 
-def handler(kind: str, *, sensitive: bool = False) -> Callable[[Handler], Handler]:
-    """Register the function that runs jobs of `kind`; it gets a session and the decoded payload."""
+def handler(kind: str, *, sensitive: bool = False, writes: bool = False) -> Callable[[Handler], Handler]:
+    """Register the function that runs jobs of `kind`; it gets a session and the decoded payload.
+
+    Only `writes=True` handlers get a session whose changes are committed (with the job's "done" mark).
+    """
 
     def register(fn: Handler) -> Handler:
-        _HANDLERS[kind] = _Registered(fn, sensitive)
+        _HANDLERS[kind] = _Registered(fn, sensitive, writes)
         return fn
 
     return register
@@ -191,35 +202,48 @@ def _mine(job_id: int, worker_id: str) -> Any:
     return (Job.id == job_id) & (Job.status == JobStatus.running) & (Job.locked_by == worker_id)
 
 
+def _record(db: Database, job_id: int, worker_id: str, values: dict[str, Any]) -> bool:
+    """Write a job's outcome in its own short transaction if it is still this worker's; whether it was."""
+    with db.unit_of_work() as session:
+        result = session.execute(update(Job).where(_mine(job_id, worker_id)).values(**values))
+        return bool(result.rowcount == 1)  # type: ignore[attr-defined]
+
+
 def run_claimed(db: Database, job: ClaimedJob, worker_id: str, *, now: datetime | None = None) -> JobStatus:
-    """Run a claimed job; done in the handler's own transaction, else queued again with backoff, or failed.
+    """Run a claimed job; then done, or queued again with backoff, or failed.
 
     Returns `running` when the job is no longer this worker's (it was presumed dead and the job given away).
     """
     now = now or utcnow()
     registered = _HANDLERS.get(job.kind)
+    done: dict[str, Any] = dict(status=JobStatus.done, finished_at=now, locked_at=None, last_error="")
+    if registered is not None and registered.sensitive:
+        done["payload"] = "{}"
     try:
         if registered is None:
             raise LookupError(f"no handler for job kind {job.kind!r}")
-        with db.unit_of_work() as session:
-            # Holding the job's row for the whole run: stale recovery cannot hand it to another worker meanwhile,
-            # and a worker that was presumed dead finds it gone instead of sending a second time.
-            held = session.execute(update(Job).where(_mine(job.id, worker_id)).values(locked_at=now))
-            if held.rowcount != 1:  # type: ignore[attr-defined]
-                log.warning("job %s was taken from worker %s before it ran; skipped", job.id, worker_id)
-                return JobStatus.running
+        if registered.writes:
+            with db.unit_of_work() as session:
+                # The job's row is held for the whole run, so the work and the "done" mark commit together.
+                held = session.execute(update(Job).where(_mine(job.id, worker_id)).values(locked_at=now))
+                if held.rowcount != 1:  # type: ignore[attr-defined]
+                    log.warning("job %s was taken from worker %s before it ran; skipped", job.id, worker_id)
+                    return JobStatus.running
+                registered.run(session, job.payload)
+                session.execute(update(Job).where(_mine(job.id, worker_id)).values(**done))
+            return JobStatus.done
+        # Renewing the lock is the last check that the job is ours: a worker that was presumed dead finds it gone
+        # instead of sending a second time, and stale recovery leaves it alone for the next job_stale_minutes.
+        if not _record(db, job.id, worker_id, dict(locked_at=now)):
+            log.warning("job %s was taken from worker %s before it ran; skipped", job.id, worker_id)
+            return JobStatus.running
+        # No write transaction while the handler sends: on SQLite it would hold the database's write lock.
+        with db.session() as session:
             registered.run(session, job.payload)
-            values: dict[str, Any] = dict(status=JobStatus.done, finished_at=now, locked_at=None, last_error="")
-            if registered.sensitive:
-                values["payload"] = "{}"
-            marked = session.execute(update(Job).where(_mine(job.id, worker_id)).values(**values))
-            if marked.rowcount != 1:  # type: ignore[attr-defined]
-                log.warning("job %s was taken from worker %s while it ran", job.id, worker_id)
-        return JobStatus.done
     except Exception as exc:
         error = f"{type(exc).__name__}: {exc}"[:2000]
         final = registered is None or job.attempts >= job.max_attempts
-        values = dict(locked_at=None, locked_by=None, last_error=error)
+        values: dict[str, Any] = dict(locked_at=None, locked_by=None, last_error=error)
         if final:
             values.update(status=JobStatus.failed, finished_at=now)
             if registered is not None and registered.sensitive:
@@ -228,9 +252,23 @@ def run_claimed(db: Database, job: ClaimedJob, worker_id: str, *, now: datetime 
         else:
             values.update(status=JobStatus.queued, run_after=now + backoff(job.attempts))
             log.warning("job %s (%s) attempt %d failed, will retry: %s", job.id, job.kind, job.attempts, error)
-        with db.unit_of_work() as session:
-            session.execute(update(Job).where(_mine(job.id, worker_id)).values(**values))
+        _record(db, job.id, worker_id, values)
         return JobStatus.failed if final else JobStatus.queued
+    # Outside the try: if this commit fails after a send, the job stays running and stale recovery retries it.
+    if not _record(db, job.id, worker_id, done):
+        log.warning("job %s was taken from worker %s while it ran", job.id, worker_id)
+    return JobStatus.done
+
+
+def prune(session: Session, now: datetime | None = None) -> int:
+    """Delete done and cancelled jobs older than 7 days and failed ones older than 30; how many went."""
+    now = now or utcnow()
+    finished = func.coalesce(Job.finished_at, Job.created_at)
+    removed = 0
+    for statuses, age in (((JobStatus.done, JobStatus.cancelled), KEEP_FINISHED), ((JobStatus.failed,), KEEP_FAILED)):
+        result = session.execute(delete(Job).where(Job.status.in_(statuses), finished < now - age))
+        removed += int(result.rowcount)  # type: ignore[attr-defined]
+    return removed
 
 
 def run_once(db: Database, worker_id: str, *, now: datetime | None = None) -> JobStatus | None:

@@ -149,6 +149,24 @@ def test_grant_and_revoke_qualifications(world: World) -> None:
         assert any(r.qualification.category_code == "MIC" for r in qualifications.list_for_instrument(s, staff, conf))
 
 
+def test_category_qualifications_are_for_platform_admins_only(world: World) -> None:
+    # A category reaches every institution's instruments, beyond what an institution's administrator manages.
+    inst_admin = dataclasses.replace(
+        world.actors["bob"], grants=(Grant(role="institution_admin", institution_id=world.institutions["CQ-LAB"]),)
+    )
+    platform = dataclasses.replace(world.actors["carol"], grants=(Grant(role="platform_admin"),))
+    with world.db.unit_of_work() as s, pytest.raises(Forbidden):
+        qualifications.grant(s, inst_admin, "alice@example.org", category_code="GEN")
+    with world.db.unit_of_work() as s:
+        category = qualifications.grant(s, platform, "alice@example.org", category_code="GEN")
+        own = qualifications.grant(s, inst_admin, "alice@example.org", instrument_id=world.instruments["CONF"])
+    with world.db.unit_of_work() as s, pytest.raises(NotFound):
+        qualifications.revoke(s, inst_admin, category.id)
+    with world.db.unit_of_work() as s:
+        qualifications.revoke(s, inst_admin, own.id)
+        assert qualifications.revoke(s, platform, category.id).revoked_at is not None
+
+
 # --- API -----------------------------------------------------------------------------------------------------
 
 

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
+from sqlalchemy.orm import Session
 
-from labcommons.booking.models import Booking
+from labcommons.booking import approvals, service
+from labcommons.booking.models import Booking, BookingStatus
 from labcommons.db import Database
+from labcommons.identity import roles
+from labcommons.identity import service as identity
 from tests.api_client import client_for
+from tests.booking.test_usage import add_booking
 from tests.factories import World, next_grid_day
 
 
@@ -225,3 +232,53 @@ def test_openapi_is_published(world: World) -> None:
     spec = client.get("/api/v1/openapi.json").json()
     assert "/api/v1/bookings" in spec["paths"] and "/api/v1/slots/earliest" in spec["paths"]
     assert client.get("/api/v1/docs").status_code == 200
+
+
+def test_a_maintenance_blocks_creator_cannot_lift_it_as_a_booking(world: World) -> None:
+    client = client_for(world.db)
+    # Bob created the block while he was staff; without the role the bookings API must not find it.
+    block = add_booking(world, "bob", starts_at=next_grid_day(days=3), kind="maintenance")
+    r = client.post(f"/api/v1/bookings/{block}/cancel", headers=world.headers("bob"))
+    assert r.status_code == 404
+    assert client.get(f"/api/v1/bookings/{block}", headers=world.headers("bob")).status_code == 404
+    with world.db.unit_of_work(write=False) as s:
+        assert s.get(Booking, block).status == BookingStatus.confirmed  # type: ignore[union-attr]
+
+
+def _lock_order(world: World, change: Callable[[Session], object]) -> list[str]:
+    """Which tables the change locked FOR UPDATE, in order (PostgreSQL only)."""
+    locked: list[str] = []
+
+    def watch(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if "FOR UPDATE" in statement:
+            table = re.search(r"\bFROM (\w+)", statement)
+            locked.append(table.group(1) if table else "?")
+
+    event.listen(world.db.engine, "before_cursor_execute", watch)
+    try:
+        with world.db.unit_of_work() as s:
+            change(s)
+    finally:
+        event.remove(world.db.engine, "before_cursor_execute", watch)
+    return locked
+
+
+def test_cancel_approve_and_decline_lock_the_instrument_before_the_booking(world: World) -> None:
+    if world.db.is_sqlite:
+        pytest.skip("SQLite serialises writers with BEGIN IMMEDIATE; there are no row locks")
+    start = next_grid_day(days=3)
+    mine = add_booking(world, "alice", starts_at=start)
+    pending = [add_booking(world, "alice", starts_at=start + timedelta(hours=h), status=BookingStatus.pending)
+               for h in (2, 4)]
+    with world.db.unit_of_work() as s:
+        carol = identity.find_user(s, "carol@example.org")
+        roles.grant_role(s, None, carol, "facility_staff", facility_id=world.facilities["CQ-LAB"])
+        staff = identity.actor_for(carol, grants=roles.grants_of(s, carol.id))
+    changes: list[Callable[[Session], object]] = [
+        lambda s: service.cancel_booking(s, world.actors["alice"], mine),
+        lambda s: approvals.approve(s, staff, pending[0]),
+        lambda s: approvals.decline(s, staff, pending[1], "the laser is out"),
+    ]
+    for change in changes:
+        locked = _lock_order(world, change)
+        assert "booking" in locked and locked.index("instrument") < locked.index("booking"), locked

@@ -150,3 +150,33 @@ def test_calendars_page_creates_shows_once_and_revokes(client: TestClient, world
     assert client.post(f"/account/calendars/{bob_feed}/revoke", data={"csrf_token": csrf}).status_code == 404
     assert client.get(f"/calendar/{other}.ics").status_code == 200
     assert "/account/calendars" in client.get("/account").text
+
+
+def _deactivate(world: World, email: str) -> None:
+    with world.db.unit_of_work() as s:
+        user = identity.find_user(s, email)
+        assert user is not None
+        user.is_active = False
+
+
+def test_a_deactivated_owners_feeds_are_404(client: TestClient, world: World) -> None:
+    add_booking(world, "alice")
+    own, instrument = make_feed(world, "alice"), make_feed(world, "alice", "CONF")
+    assert client.get(f"/calendar/{own}.ics").status_code == 200
+    _deactivate(world, "alice@example.org")
+    assert client.get(f"/calendar/{own}.ics").status_code == 404
+    assert client.get(f"/calendar/{instrument}.ics").status_code == 404
+
+
+def test_an_instrument_feed_names_nobody_once_its_staff_owner_is_deactivated(world: World) -> None:
+    add_booking(world, "alice")
+    with world.db.unit_of_work() as s:
+        carol = identity.find_user(s, "carol@example.org")
+        roles.grant_role(s, None, carol, "facility_staff", facility_id=world.facilities["CQ-LAB"])
+    token = make_feed(world, "carol", "CONF")
+    with world.db.unit_of_work(write=False) as s:
+        assert b"Alice" in calendar.render_feed(s, calendar.feed_for_token(s, token))
+    _deactivate(world, "carol@example.org")
+    with world.db.unit_of_work(write=False) as s:
+        feed = s.scalars(select(CalendarFeed)).one()
+        assert b"Alice" not in calendar.render_feed(s, feed)

@@ -113,6 +113,16 @@ def test_weekly_quota_ignores_cancelled_bookings(world: World) -> None:
     assert outcome(world, alice, at(1, "09:00"), at(1, "11:00")) == "ok"
 
 
+def test_weekly_quota_counts_completed_bookings(world: World) -> None:
+    set_policy(world, max_hours_per_week=2)
+    alice = world.actors["alice"]
+    first = book(world, alice, at(0, "09:00"), at(0, "11:00"))
+    # Checking out completes the booking; the hours were still used.
+    with world.db.unit_of_work() as s:
+        s.get_one(Booking, first.id).status = BookingStatus.completed
+    assert outcome(world, alice, at(1, "09:00"), at(1, "09:30")) == "weekly_quota_exceeded"
+
+
 @pytest.mark.parametrize(("start", "end", "expected"), [
     (at(2, "11:30"), at(2, "12:00"), "ok"),
     (at(2, "11:00"), at(2, "11:30"), "buffer_violated"),

@@ -12,6 +12,8 @@ from labcommons.booking import recurrence, service
 from labcommons.booking.models import Booking, BookingSeries
 from labcommons.db import Database
 from labcommons.errors import InvalidInput
+from labcommons.identity import roles
+from labcommons.identity import service as identity
 from tests.api_client import client_for
 from tests.factories import World, next_grid_day
 
@@ -73,11 +75,39 @@ def test_wall_clock_is_kept_across_dst(world: World) -> None:
     ("FREQ=MONTHLY;COUNT=14", "series_too_long"),
     ("FREQ=SOMETIMES;COUNT=2", "invalid_rrule"),
     ("FREQ=WEEKLY;COUNT=2\nRDATE:20300101T000000Z", "invalid_rrule"),
+    ("FREQ=WEEKLY;COUNT=2;INTERVAL=0", "invalid_rrule"),  # dateutil would fail only while iterating
+    # Rules that never occur, or occur too finely, would iterate for seconds up to the year 9999.
+    ("FREQ=MINUTELY;COUNT=2;BYMONTH=2;BYMONTHDAY=30", "invalid_rrule"),
+    ("FREQ=SECONDLY;COUNT=2", "invalid_rrule"),
+    ("FREQ=HOURLY;COUNT=2", "invalid_rrule"),
+    ("FREQ=DAILY;COUNT=2;BYMONTH=2;BYMONTHDAY=30", "invalid_rrule"),
+    ("FREQ=DAILY;COUNT=2;BYSETPOS=3", "invalid_rrule"),
+    ("FREQ=MONTHLY;COUNT=2;BYDAY=6MO", "invalid_rrule"),
 ])
 def test_rules_are_capped_and_checked(world: World, rule: str, code: str) -> None:
     with world.db.unit_of_work() as s, pytest.raises(InvalidInput) as refused:
         recurrence.book_series(s, world.actors["alice"], world.instruments["CONF"], next_grid_day(), 60, rule)
     assert refused.value.code == code
+    assert counts(world.db) == (0, 0)
+
+
+def test_bad_and_far_rules_are_refused_quickly(world: World) -> None:
+    client = client_for(world.db)
+    body = {"instrument_id": world.instruments["CONF"], "first_starts_at": next_grid_day().isoformat(),
+            "duration_minutes": 60, "rrule": "FREQ=WEEKLY;COUNT=2;INTERVAL=0", "timezone": "Asia/Shanghai"}
+    began = datetime.now(UTC)
+    for rule in ("FREQ=WEEKLY;COUNT=2;INTERVAL=0", "FREQ=MINUTELY;COUNT=2;BYMONTH=2;BYMONTHDAY=30"):
+        refused = client.post("/api/v1/bookings/series", json={**body, "rrule": rule}, headers=world.headers("alice"))
+        assert refused.status_code == 422, refused.text
+        assert (refused.json()["error"], refused.json()["field"]) == ("invalid_rrule", "rrule")
+    assert datetime.now(UTC) - began < timedelta(seconds=1)
+    # Occurrences past the end of year 9999 cannot exist; the series is refused, not a 500.
+    far = {**body, "first_starts_at": "9999-12-31T20:00:00Z", "rrule": "FREQ=DAILY;COUNT=2"}
+    refused = client.post("/api/v1/bookings/series", json=far, headers=world.headers("alice"))
+    assert refused.status_code == 422 and refused.json()["error"] == "out_of_range", refused.text
+    last = {**far, "first_starts_at": "9999-12-31T08:00:00Z", "rrule": "FREQ=DAILY;COUNT=1", "duration_minutes": 600}
+    refused = client.post("/api/v1/bookings/series", json=last, headers=world.headers("alice"))
+    assert refused.status_code == 422 and refused.json()["error"] == "out_of_range", refused.text
     assert counts(world.db) == (0, 0)
 
 
@@ -127,3 +157,30 @@ def test_series_from_the_instrument_page(world: World) -> None:
         kept = client.post(f"/instruments/{conf}/book-series", data={**form, "keep": "yes"}, follow_redirects=False)
         assert kept.status_code == 303 and kept.headers["location"] == "/bookings"
     assert counts(world.db) == (3, 1)
+
+
+def test_far_future_dates_on_the_pages_are_refused(world: World) -> None:
+    from fastapi.testclient import TestClient
+
+    from labcommons.app import create_app
+    from tests.web.conftest import csrf_of, sign_in
+
+    conf = world.instruments["CONF"]
+    with TestClient(create_app(db=world.db)) as client:
+        sign_in(client, "alice")
+        token = csrf_of(client.get(f"/instruments/{conf}").text)
+        form = {"csrf_token": token, "date": "2030-01-07", "start": "09:00", "duration": "60", "repeat": "weekly",
+                "until": "9999-12-31"}
+        assert client.post(f"/instruments/{conf}/book-series", data=form).status_code == 422
+        late = {**form, "date": "9999-12-31", "start": "23:00", "until": "", "count": "2"}
+        assert client.post(f"/instruments/{conf}/book-series", data=late).status_code == 422
+    with world.db.unit_of_work() as s:
+        roles.grant_role(s, None, identity.find_user(s, "bob@example.org"), "facility_manager",
+                         facility_id=world.facilities["CQ-LAB"])
+    with TestClient(create_app(db=world.db)) as client:
+        sign_in(client, "bob")
+        page = client.get(f"/manage/instruments/{conf}/qualifications")
+        granted = client.post(f"/manage/instruments/{conf}/qualifications", data={
+            "csrf_token": csrf_of(page.text), "email": "alice@example.org", "level": "independent",
+            "expires": "9999-12-31"})
+        assert granted.status_code == 422

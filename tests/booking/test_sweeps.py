@@ -28,3 +28,18 @@ def test_periodic_sweep_is_queued_once_per_interval_and_marks_no_shows(world: Wo
     assert jobs.schedule_periodic(world.db, now=now + timedelta(seconds=61)) == 1
     with world.db.unit_of_work(write=False) as s:
         assert s.scalar(select(func.count()).select_from(Job).where(Job.kind == "booking_sweep")) == 2
+
+
+def test_the_sweep_prunes_old_finished_jobs(world: World) -> None:
+    now = utcnow()
+    with world.db.unit_of_work() as s:
+        for key, status, days in (("old-done", JobStatus.done, 8), ("new-done", JobStatus.done, 1),
+                                  ("old-failed", JobStatus.failed, 31), ("young-failed", JobStatus.failed, 20)):
+            moment = now - timedelta(days=days)
+            s.add(Job(kind="send_mail", payload="{}", dedupe_key=key, status=status, attempts=1, max_attempts=5,
+                      run_after=moment, created_at=moment, finished_at=moment, last_error=""))
+    jobs.schedule_periodic(world.db, now=now)
+    assert jobs.run_pending(world.db, "test-worker", now=now).done == 1
+    with world.db.unit_of_work(write=False) as s:
+        left = set(s.scalars(select(Job.dedupe_key).where(Job.kind == "send_mail")))
+    assert left == {"new-done", "young-failed"}

@@ -11,8 +11,16 @@ from sqlalchemy import select
 from typer.testing import CliRunner
 
 from labcommons.app import create_app
-from labcommons.booking import usage
-from labcommons.booking.models import Booking, BookingPolicy, BookingStatus, InstrumentToken
+from labcommons.booking import service as booking_service
+from labcommons.booking import usage, waitlist
+from labcommons.booking.models import (
+    Booking,
+    BookingPolicy,
+    BookingStatus,
+    InstrumentToken,
+    WaitlistEntry,
+    WaitlistStatus,
+)
 from labcommons.cli import app as cli_app
 from labcommons.config import get_settings
 from labcommons.errors import Conflict
@@ -294,3 +302,50 @@ def test_cli_creates_lists_and_revokes_instrument_tokens(
         assert unknown.exit_code == 2
     finally:
         get_settings.cache_clear()
+
+
+def test_a_checked_in_booking_cannot_be_cancelled(world: World) -> None:
+    booking_id = add_booking(world, "alice")
+    do(world, booking_id, "check_in", START)
+    with world.db.unit_of_work() as s, pytest.raises(Conflict) as exc:
+        booking_service.cancel_booking(s, world.actors["alice"], booking_id, now=START + timedelta(minutes=10))
+    assert exc.value.code == "booking_not_cancellable" and "check out" in str(exc.value)
+    assert load(world, booking_id).status == BookingStatus.confirmed
+
+
+def test_a_cancelled_booking_cannot_be_checked_out_into_completed(world: World) -> None:
+    booking_id = add_booking(world, "alice")
+    do(world, booking_id, "check_in", START)
+    with world.db.unit_of_work() as s:  # e.g. displaced by a maintenance block while in use
+        row = s.get(Booking, booking_id)
+        assert row is not None
+        row.status, row.cancelled_at, row.cancel_kind = BookingStatus.cancelled, START, "maintenance"
+    with pytest.raises(Conflict) as exc:
+        do(world, booking_id, "check_out", START + timedelta(minutes=20))
+    assert exc.value.code == "booking_not_confirmed" and "cancelled" in str(exc.value)
+    after = load(world, booking_id)
+    assert after.status == BookingStatus.cancelled and after.checked_out_at is None
+
+
+def test_an_early_check_out_offers_the_rest_of_the_time_to_the_waitlist(world: World) -> None:
+    booking_id = add_booking(world, "alice", minutes=120)
+    later = (START + timedelta(hours=1), START + timedelta(hours=2))
+    with world.db.unit_of_work() as s:
+        entry_id = waitlist.join(s, world.actors["bob"], world.instruments["CONF"], *later,
+                                 now=START - timedelta(days=1)).id
+    do(world, booking_id, "check_in", START)
+    do(world, booking_id, "check_out", START + timedelta(minutes=30))
+    with world.db.unit_of_work(write=False) as s:
+        entry = s.get(WaitlistEntry, entry_id)
+        assert entry is not None and entry.status == WaitlistStatus.offered
+
+
+def test_a_check_out_after_the_end_frees_nothing(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    freed: list[int] = []
+    monkeypatch.setattr(waitlist, "slot_freed", lambda s, booking, *, now: freed.append(booking.id))
+    early, late = add_booking(world, "alice"), add_booking(world, "bob", starts_at=START + timedelta(hours=2))
+    do(world, early, "check_in", START)
+    do(world, early, "check_out", START + timedelta(minutes=20))
+    do(world, late, "check_in", START + timedelta(hours=2))
+    do(world, late, "check_out", START + timedelta(hours=3, minutes=5))
+    assert freed == [early]

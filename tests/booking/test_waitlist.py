@@ -11,6 +11,8 @@ from labcommons.booking import service, waitlist
 from labcommons.booking.models import BookingPolicy, WaitlistEntry, WaitlistStatus
 from labcommons.catalog.models import Instrument, OpenTo
 from labcommons.db import utcnow
+from labcommons.identity import roles
+from labcommons.identity import service as identity
 from tests.api_client import client_for
 from tests.factories import World, next_grid_day
 
@@ -169,3 +171,35 @@ def test_waitlist_pages(world: World, offers: list[Any]) -> None:
                                follow_redirects=False)
         assert accepted.status_code == 303 and accepted.headers["location"] == "/bookings"
     assert entry(world, entry_id).status == WaitlistStatus.accepted
+
+
+def test_a_live_offer_blocks_overlapping_waiters_beyond_the_freed_time(world: World, offers: list[Any]) -> None:
+    conf, hour, half = world.instruments["CONF"], timedelta(hours=1), timedelta(minutes=30)
+    with world.db.unit_of_work() as s:
+        first = service.reserve_slot(s, world.actors["bob"], conf, START, START + hour).id
+        second = service.reserve_slot(s, world.actors["bob"], conf, START + hour, START + 2 * hour).id
+    with world.db.unit_of_work() as s:
+        alices = waitlist.join(s, world.actors["alice"], conf, START, START + hour).id
+        carols = waitlist.join(s, world.actors["carol"], conf, START + half, START + hour + half).id
+    with world.db.unit_of_work() as s:
+        service.cancel_booking(s, world.actors["bob"], first)
+    assert entry(world, alices).status == WaitlistStatus.offered
+    # Alice's live offer overlaps carol's interval, though not the time the second cancellation frees.
+    with world.db.unit_of_work() as s:
+        service.cancel_booking(s, world.actors["bob"], second)
+    assert entry(world, carols).status == WaitlistStatus.waiting
+    assert [o[2]["entry_id"] for o in offers] == [alices]
+
+
+def test_facility_staff_waiting_keep_their_policy_exemptions(world: World, offers: list[Any]) -> None:
+    with world.db.unit_of_work() as s:
+        carols = service.reserve_slot(s, world.actors["carol"], world.instruments["CONF"], START, END).id
+    # Training is now required; bob has none but is staff of the facility, who are exempt.
+    with world.db.unit_of_work() as s:
+        s.add(BookingPolicy(instrument_id=world.instruments["CONF"], requires_qualification=True))
+        roles.grant_role(s, None, identity.find_user(s, "bob@example.org"), "facility_staff",
+                         facility_id=world.facilities["CQ-LAB"])
+    bobs = join(world, "bob")
+    with world.db.unit_of_work() as s:
+        service.cancel_booking(s, world.actors["carol"], carols)
+    assert entry(world, bobs).status == WaitlistStatus.offered

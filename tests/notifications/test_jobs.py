@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from datetime import timedelta
 from typing import Any
@@ -206,3 +207,84 @@ def test_apps_given_a_database_run_no_jobs_unless_asked(db: Database) -> None:
         switched_off = create_app(db=db, run_jobs=True)
         with TestClient(switched_off):
             assert not hasattr(switched_off.state, "job_runner")
+
+
+_slow_started = threading.Event()
+
+
+@jobs.handler("test_slow")
+def _slow(session: Any, payload: dict[str, Any]) -> None:
+    session.scalar(select(func.count()).select_from(Job))  # handlers may read while they work
+    _slow_started.set()
+    time.sleep(1.0)
+    with _lock:
+        _calls["slow"] += 1
+
+
+def test_a_slow_handler_does_not_block_other_writers(db: Database) -> None:
+    _slow_started.clear()
+    with db.unit_of_work() as session:
+        jobs.enqueue(session, "test_slow", {})
+    runner = threading.Thread(target=jobs.run_pending, args=(db, "slow-worker"))
+    runner.start()
+    try:
+        assert _slow_started.wait(10)
+        began = time.monotonic()
+        put(db, "meanwhile")  # any write: on SQLite it needs the database's write lock
+        waited = time.monotonic() - began
+    finally:
+        runner.join(30)
+    assert waited < 0.5
+    assert _calls["slow"] == 1
+    slow = [j for j in all_jobs(db) if j.kind == "test_slow"]
+    assert [(j.status, j.attempts, j.locked_by) for j in slow] == [(JobStatus.done, 1, "slow-worker")]
+
+
+def test_the_claim_is_committed_before_the_handler_runs(db: Database) -> None:
+    seen: list[tuple[JobStatus, str | None, int]] = []
+
+    @jobs.handler("test_peek")
+    def _peek(session: Any, payload: dict[str, Any]) -> None:
+        with db.unit_of_work(write=False) as other:  # another connection sees only committed state
+            job = other.scalars(select(Job).where(Job.kind == "test_peek")).one()
+            seen.append((job.status, job.locked_by, job.attempts))
+
+    with db.unit_of_work() as session:
+        jobs.enqueue(session, "test_peek", {})
+    assert jobs.run_pending(db, "peeker").done == 1
+    assert seen == [(JobStatus.running, "peeker", 1)]
+
+
+def test_a_job_taken_away_while_it_ran_is_not_marked_by_its_old_worker(db: Database) -> None:
+    put(db, "slowpoke")
+    now = utcnow()
+    claimed = jobs.claim_next(db, "old", now=now)
+    assert claimed is not None
+
+    @jobs.handler("test_echo_stolen")
+    def _stolen(session: Any, payload: dict[str, Any]) -> None:
+        jobs.requeue_stale(db, now=now + timedelta(hours=1))  # presumed dead mid-run; the job is given back
+
+    stolen = jobs.ClaimedJob(claimed.id, "test_echo_stolen", claimed.payload, claimed.attempts, claimed.max_attempts)
+    assert jobs.run_claimed(db, stolen, "old", now=now) == JobStatus.done
+    [job] = all_jobs(db)
+    assert job.status == JobStatus.queued and job.locked_by is None  # not marked done by the worker that lost it
+
+
+def test_prune_deletes_old_finished_jobs_only(db: Database) -> None:
+    now = utcnow()
+    ages = {"done-old": (JobStatus.done, 8), "done-new": (JobStatus.done, 6),
+            "cancelled-old": (JobStatus.cancelled, 8), "failed-old": (JobStatus.failed, 31),
+            "failed-mid": (JobStatus.failed, 8), "queued-old": (JobStatus.queued, 60),
+            "running-old": (JobStatus.running, 60)}
+    with db.unit_of_work() as session:
+        for name, (status, days) in ages.items():
+            moment = now - timedelta(days=days)
+            finished = moment if status in (JobStatus.done, JobStatus.failed) else None
+            session.add(Job(kind="test_echo", payload="{}", dedupe_key=name, status=status, attempts=1,
+                            max_attempts=5, run_after=moment, created_at=moment, finished_at=finished,
+                            last_error=""))
+    with db.unit_of_work() as session:
+        assert jobs.prune(session, now) == 3
+    assert sorted(j.dedupe_key or "" for j in all_jobs(db)) == [
+        "done-new", "failed-mid", "queued-old", "running-old"]

@@ -8,6 +8,7 @@ from sqlalchemy import ColumnElement, false, or_, select
 from sqlalchemy.orm import Session, joinedload
 
 from labcommons.actor import Actor
+from labcommons.booking import service as booking_service
 from labcommons.booking import waitlist
 from labcommons.booking.models import Booking, BookingStatus
 from labcommons.booking.policy import facility_ref
@@ -62,6 +63,10 @@ def pending_for(session: Session, actor: Actor, *, limit: int = 200) -> list[Boo
 
 def _managed_pending(session: Session, actor: Actor, booking_id: int) -> Booking:
     require_some(actor, Action.manage_facility_bookings)
+    # The instrument first, then the booking: the order every booking writer uses, so none deadlock.
+    instrument_id = booking_service.booking_instrument_id(session, booking_id)
+    if instrument_id is not None:
+        booking_service.lock_instrument(session, instrument_id)
     booking = session.scalars(
         select(Booking).where(Booking.id == booking_id)
         .options(joinedload(Booking.instrument), joinedload(Booking.user))

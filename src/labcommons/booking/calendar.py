@@ -108,9 +108,13 @@ def revoke_feed(session: Session, owner_id: int, feed_id: int, *, now: datetime 
 
 
 def feed_for_token(session: Session, token: str) -> CalendarFeed:
-    """The live feed of a secret; NotFound for an unknown or revoked one (they look the same)."""
+    """The live feed of a secret; NotFound for an unknown or revoked one, or one whose owner was deactivated."""
     feed = session.scalars(select(CalendarFeed).where(CalendarFeed.token_hash == _digest(token))).first()
     if feed is None or feed.revoked_at is not None:
+        raise NotFound("No such calendar.", field="token")
+    owner = session.get(User, feed.owner_id)
+    # A deactivated account's secret addresses stop working with it; they look like any unknown feed.
+    if owner is None or not owner.is_active:
         raise NotFound("No such calendar.", field="token")
     return feed
 
@@ -194,7 +198,7 @@ def render_feed(session: Session, feed: CalendarFeed, *, now: datetime | None = 
     else:
         instrument = catalog.get_instrument(session, feed.instrument_id or 0)
         owner = session.get(User, feed.owner_id)
-        if owner is not None:
+        if owner is not None and owner.is_active:
             show_names = manages(identity.actor_for(owner, grants=grants_of(session, owner.id)), instrument)
         calendar.add("x-wr-calname", _bilingual(instrument.name_zh, instrument.name_en))
     calendar.add("refresh-interval", REFRESH, parameters={"VALUE": "DURATION"})

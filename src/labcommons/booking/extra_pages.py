@@ -173,9 +173,9 @@ def _series_rule(request: Request, repeat: str, count: str, until: str) -> str:
         return f"FREQ={freq};COUNT={n}"
     try:
         last_day = date.fromisoformat(until.strip())
-    except ValueError:
+        end = datetime.combine(last_day + timedelta(days=1), time(0), tzinfo=user_zone(request)).astimezone(UTC)
+    except (ValueError, OverflowError):  # OverflowError: a last day at the end of year 9999
         raise InvalidInput(_("Give the number of occurrences or the last date."), field="count", code="form") from None
-    end = datetime.combine(last_day + timedelta(days=1), time(0), tzinfo=user_zone(request)).astimezone(UTC)
     return f"FREQ={freq};UNTIL={(end - timedelta(seconds=1)):%Y%m%dT%H%M%SZ}"
 
 

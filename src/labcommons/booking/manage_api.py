@@ -125,7 +125,7 @@ class DeclineBody(BaseModel):
 
 
 class QualificationCreate(BaseModel):
-    """Grant on this instrument, or with `category_code` on a whole category (administrators only)."""
+    """Grant on this instrument, or with `category_code` on a whole category (platform administrators only)."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -291,7 +291,7 @@ def grant_qualification(
             try:
                 # Valid through the chosen day in the user's zone.
                 expires_at = to_utc(request, date.fromisoformat(expires.strip()) + timedelta(days=1), time(0))
-            except ValueError:
+            except (ValueError, OverflowError):  # OverflowError: the day after 9999-12-31
                 raise InvalidInput("bad date", field="expires_at", code="invalid_date") from None
         with db.unit_of_work() as session:
             qualifications.grant(session, actor, email, instrument_id=instrument_id, level=level,

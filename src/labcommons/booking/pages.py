@@ -50,6 +50,15 @@ def _parse_form(
 ) -> tuple[datetime, datetime]:
     """The requested [start, end) in UTC from the form's local date, times and length."""
     try:
+        return _form_interval(request, day_text, start_text, end_text, duration_text)
+    except OverflowError:  # a time near the end of year 9999, past what datetime holds
+        raise InvalidInput(_("Enter a date and a start time."), field="starts_at", code="form") from None
+
+
+def _form_interval(
+    request: Request, day_text: str, start_text: str, end_text: str, duration_text: str
+) -> tuple[datetime, datetime]:
+    try:
         day = date.fromisoformat(day_text.strip())
         start = time.fromisoformat(start_text.strip())
     except ValueError:

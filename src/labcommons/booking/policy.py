@@ -374,7 +374,8 @@ def _check_weekly_quota(
             Booking.instrument_id == instrument.id,
             Booking.user_id == actor.user_id,
             Booking.kind == BookingKind.use,
-            Booking.status.in_(ACTIVE_STATUSES),
+            # A checked-out booking is completed but its hours were used: counting it keeps check-out no way round.
+            Booking.status.in_((*ACTIVE_STATUSES, BookingStatus.completed)),
             Booking.starts_at < week.end,
             Booking.ends_at > week.start,
         )

@@ -1,7 +1,7 @@
 """Training records: who may use an instrument (or every instrument of a category) and at which level.
 
 An instrument qualification is granted by staff allowed to approve users of the instrument's facility. A category
-qualification reaches instruments of many facilities, so only institution and platform administrators grant it.
+qualification reaches the instruments of every institution, so only platform administrators grant or revoke it.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from labcommons.db import utcnow
 from labcommons.errors import Conflict, Forbidden, InvalidInput, NotFound
 from labcommons.identity import roles
 from labcommons.identity import service as identity
-from labcommons.identity.models import Role, User
+from labcommons.identity.models import User
 from labcommons.identity.roles import Action
 
 MAX_NOTE_LENGTH = 1000
@@ -38,10 +38,6 @@ class QualificationRow:
         return q.revoked_at is None and (q.expires_at is None or q.expires_at > now)
 
 
-def _may_grant_categories(actor: Actor) -> bool:
-    return any(g.role in (Role.institution_admin, Role.platform_admin) for g in actor.grants)
-
-
 def _instrument(session: Session, instrument_id: int) -> Instrument:
     instrument = session.get(Instrument, instrument_id)
     if instrument is None:
@@ -53,8 +49,9 @@ def _require_for(session: Session, actor: Actor, q: Qualification) -> None:
     if q.instrument_id is not None:
         instrument = _instrument(session, q.instrument_id)
         roles.require(actor, Action.approve_facility_users, facility=facility_ref(instrument))
-    elif not _may_grant_categories(actor):
-        raise Forbidden("Only institution or platform administrators manage category qualifications.")
+    elif not roles.is_platform_admin(actor):
+        # An institution's administrator would otherwise qualify users on other institutions' instruments.
+        raise Forbidden("Only platform administrators manage category qualifications.")
 
 
 def grant(

@@ -6,7 +6,6 @@ change. When some occurrences cannot be booked the user decides: keep the bookab
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -61,6 +60,54 @@ def _zone(name: str) -> ZoneInfo:
         raise InvalidInput(f"Unknown time zone {name!r}.", field="timezone", code="unknown_timezone") from None
 
 
+def _invalid(message: str) -> InvalidInput:
+    return InvalidInput(message, field="rrule", code="invalid_rrule")
+
+
+# Finer frequencies make no sense for bookings at one time of day, and iterating them costs much CPU.
+FREQUENCIES = frozenset({"DAILY", "WEEKLY", "MONTHLY", "YEARLY"})
+# Other parts (BYSETPOS, BYYEARDAY, BYWEEKNO, BYHOUR, ...) can make rules that never occur, which dateutil would
+# only notice after iterating up to year 9999.
+RULE_PARTS = frozenset({"FREQ", "COUNT", "UNTIL", "INTERVAL", "BYDAY", "BYMONTHDAY", "BYMONTH", "WKST"})
+MAX_INTERVAL = 366
+# The longest each month can be, February's in leap years.
+MONTH_DAYS = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
+
+
+def _int_list(value: str) -> list[int]:
+    try:
+        return [int(v) for v in value.split(",")]
+    except ValueError:
+        raise _invalid(f"The RRULE value {value!r} must be whole numbers.") from None
+
+
+def _check_parts(text: str) -> None:
+    """Refuse rules the booking form has no use for and those that could never occur."""
+    parts: dict[str, str] = {}
+    for part in text.split(";"):
+        if not part.strip():
+            continue
+        key, _, value = part.partition("=")
+        parts[key.strip().upper()] = value.strip().upper()
+    unknown = sorted(set(parts) - RULE_PARTS)
+    if unknown:
+        raise _invalid(f"The RRULE may not use {', '.join(unknown)}.")
+    if parts.get("FREQ") not in FREQUENCIES:
+        raise _invalid("FREQ is DAILY, WEEKLY, MONTHLY or YEARLY.")
+    if "INTERVAL" in parts and not 1 <= _int_list(parts["INTERVAL"])[0] <= MAX_INTERVAL:
+        raise _invalid(f"INTERVAL must be between 1 and {MAX_INTERVAL}.")
+    months = _int_list(parts["BYMONTH"]) if "BYMONTH" in parts else list(range(1, 13))
+    days = _int_list(parts["BYMONTHDAY"]) if "BYMONTHDAY" in parts else [1]
+    if not all(1 <= m <= 12 for m in months) or not all(1 <= abs(d) <= 31 for d in days):
+        raise _invalid("BYMONTH is 1 to 12 and BYMONTHDAY 1 to 31 (or -1 to -31).")
+    if not any(abs(d) <= MONTH_DAYS[m - 1] for m in months for d in days):
+        raise _invalid("No month has the days BYMONTHDAY names.")
+    for day in parts.get("BYDAY", "").split(","):
+        ordinal = day.strip()[:-2]
+        if ordinal and ordinal not in ("-", "+") and not 1 <= abs(_int_list(ordinal)[0]) <= 5:
+            raise _invalid("A BYDAY ordinal is 1 to 5 (or -1 to -5), e.g. 2MO.")
+
+
 def _parse_rule(text: str, dtstart: datetime) -> RRule:
     text = text.strip()
     if text.upper().startswith("RRULE:"):
@@ -71,6 +118,7 @@ def _parse_rule(text: str, dtstart: datetime) -> RRule:
     # Without COUNT or UNTIL a rule repeats for ever.
     if not parts & {"COUNT", "UNTIL"}:
         raise InvalidInput("The rule needs COUNT or UNTIL.", field="rrule", code="unbounded_rrule")
+    _check_parts(text)
     try:
         rule = rrulestr(text, dtstart=dtstart)
     except (ValueError, TypeError) as exc:
@@ -80,18 +128,33 @@ def _parse_rule(text: str, dtstart: datetime) -> RRule:
     return rule
 
 
+def _out_of_range() -> InvalidInput:
+    return InvalidInput("The series would run past the year 9999.", field="first_starts_at", code="out_of_range")
+
+
 def expand(rrule: str, first_starts_at: datetime, zone: ZoneInfo) -> list[datetime]:
     """The occurrences' starts as aware datetimes in `zone`, at most MAX_OCCURRENCES within MAX_SPAN."""
-    # An aware dtstart makes dateutil keep the wall-clock time and re-attach the zone to every occurrence.
-    dtstart = first_starts_at.astimezone(zone)
-    starts = list(itertools.islice(iter(_parse_rule(rrule, dtstart)), MAX_OCCURRENCES + 1))
+    try:
+        # An aware dtstart makes dateutil keep the wall-clock time and re-attach the zone to every occurrence.
+        dtstart = first_starts_at.astimezone(zone)
+    except OverflowError:
+        raise _out_of_range() from None
+    rule = _parse_rule(rrule, dtstart)
+    starts: list[datetime] = []
+    # Iterating can fail too (dateutil checks some values only then); it stops past the one-year window, so a
+    # sparse rule costs no more than that.
+    try:
+        for start in rule:
+            if starts and start - starts[0] > MAX_SPAN:
+                raise InvalidInput("A series may span at most a year.", field="rrule", code="series_too_long")
+            starts.append(start)
+            if len(starts) > MAX_OCCURRENCES:
+                raise InvalidInput(f"A series is limited to {MAX_OCCURRENCES} occurrences.", field="rrule",
+                                   code="too_many_occurrences", max_occurrences=MAX_OCCURRENCES)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise InvalidInput(f"The RRULE is not valid: {exc}.", field="rrule", code="invalid_rrule") from None
     if not starts:
         raise InvalidInput("The rule gives no occurrence.", field="rrule", code="empty_rrule")
-    if len(starts) > MAX_OCCURRENCES:
-        raise InvalidInput(f"A series is limited to {MAX_OCCURRENCES} occurrences.", field="rrule",
-                           code="too_many_occurrences", max_occurrences=MAX_OCCURRENCES)
-    if starts[-1] - starts[0] > MAX_SPAN:
-        raise InvalidInput("A series may span at most a year.", field="rrule", code="series_too_long")
     return starts
 
 
@@ -115,6 +178,11 @@ def book_series(
         raise InvalidInput("duration_minutes must be between 1 and 44640.", field="duration_minutes",
                            code="invalid_duration")
     starts = expand(rrule, first_starts_at, zone)
+    try:
+        # The last occurrence must end, in UTC too, before datetime's end of year 9999.
+        (starts[-1] + timedelta(minutes=duration_minutes)).astimezone(UTC)
+    except OverflowError:
+        raise _out_of_range() from None
     instrument = catalog.get_instrument(session, instrument_id)
     occurrences: list[Occurrence] = []
     # The outer savepoint undoes every occurrence unless the series is kept; each occurrence has its own so that a

@@ -203,13 +203,23 @@ def lock_instrument(session: Session, instrument_id: int) -> None:
         session.execute(select(Instrument.id).where(Instrument.id == instrument_id).with_for_update())
 
 
+def booking_instrument_id(session: Session, booking_id: int) -> int | None:
+    """The instrument of a booking, read without a lock (to lock the instrument before the booking)."""
+    return session.scalar(select(Booking.instrument_id).where(Booking.id == booking_id))
+
+
 def _owned_booking(session: Session, actor: Actor, booking_id: int, *, lock: bool = False) -> Booking:
+    # Only the actor's own use: a maintenance block is lifted through the maintenance API, which checks roles.
     stmt = (
         select(Booking)
-        .where(Booking.id == booking_id, Booking.user_id == actor.user_id)
+        .where(Booking.id == booking_id, Booking.user_id == actor.user_id, Booking.kind == BookingKind.use)
         .options(joinedload(Booking.instrument).joinedload(Instrument.institution))
     )
     if lock:
+        # Every writer locks the instrument before its bookings (as maintenance blocks do), so none deadlock.
+        instrument_id = booking_instrument_id(session, booking_id)
+        if instrument_id is not None:
+            lock_instrument(session, instrument_id)
         stmt = stmt.with_for_update(of=Booking)
     booking = session.scalars(stmt).first()
     if booking is None:
@@ -235,6 +245,10 @@ def cancel_booking(
         )
     if booking.ends_at <= now:
         raise BookingNotCancellable("The booking has already ended.", field="booking_id")
+    if booking.checked_in_at is not None:
+        raise BookingNotCancellable(
+            "The booking is checked in and in use; check out instead of cancelling.", field="booking_id"
+        )
     policy.check_cancellation(session, actor, booking, now=now)
     booking.status = BookingStatus.cancelled
     booking.cancelled_at = now

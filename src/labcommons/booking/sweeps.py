@@ -1,4 +1,4 @@
-"""Periodic booking housekeeping run by the job queue: no-shows and expired waitlist offers."""
+"""Periodic housekeeping run by the job queue: no-shows, expired waitlist offers and old finished jobs."""
 
 from __future__ import annotations
 
@@ -14,11 +14,12 @@ from labcommons.db import utcnow
 log = logging.getLogger("labcommons.jobs")
 
 
-@jobs.handler("booking_sweep")
+@jobs.handler("booking_sweep", writes=True)
 def booking_sweep(session: Session, payload: dict[str, Any]) -> None:
-    """Flag bookings nobody checked in to, and pass expired waitlist offers to the next in line."""
+    """Flag bookings nobody checked in to, pass expired waitlist offers on, and prune old finished jobs."""
     now = utcnow()
     no_shows = usage.mark_no_shows(session, now=now)
     expired = waitlist.expire_offers(session, now)
-    if no_shows or expired:
-        log.info("booking sweep: %d no-shows, %d offers expired", len(no_shows), expired)
+    pruned = jobs.prune(session, now)
+    if no_shows or expired or pruned:
+        log.info("booking sweep: %d no-shows, %d offers expired, %d old jobs pruned", len(no_shows), expired, pruned)

@@ -18,6 +18,8 @@ from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session, joinedload
 
 from labcommons.actor import Actor
+from labcommons.booking import service as booking_service
+from labcommons.booking import waitlist
 from labcommons.booking.models import (
     ACTIVE_STATUSES,
     Booking,
@@ -131,6 +133,10 @@ def get_booking(session: Session, booking_id: int, *, lock: bool = False) -> Boo
         joinedload(Booking.instrument), joinedload(Booking.user)
     )
     if lock:
+        # Instrument before booking, the order of every booking writer: check-out may free time for the waitlist.
+        instrument_id = booking_service.booking_instrument_id(session, booking_id)
+        if instrument_id is not None:
+            booking_service.lock_instrument(session, instrument_id)
         stmt = stmt.with_for_update(of=Booking)
     booking = session.scalars(stmt).first()
     if booking is None:
@@ -198,9 +204,17 @@ def check_out(session: Session, booking: Booking, *, now: datetime | None = None
         return booking
     if booking.checked_in_at is None:
         raise NotCheckedIn("The booking has not been checked in.", field="booking_id")
+    if booking.status != BookingStatus.confirmed:
+        raise BookingNotConfirmed(
+            f"The booking is {booking.status.value}, not confirmed; it cannot be checked out.", field="booking_id",
+            status=booking.status.value,
+        )
     booking.checked_out_at = max(now, booking.checked_in_at)
     booking.status = BookingStatus.completed
     session.flush()
+    if now < booking.ends_at:
+        # Done early: the rest of the booked time is free again, so the waitlist may have it.
+        waitlist.slot_freed(session, booking, now=now)
     return booking
 
 
@@ -277,6 +291,7 @@ def booking_to_check_in(session: Session, instrument_id: int, user_id: int, *, n
 
 def booking_to_check_out(session: Session, instrument_id: int, user_id: int) -> Booking:
     """The user's checked-in, not checked-out booking of the instrument (even if it ran over its end)."""
+    booking_service.lock_instrument(session, instrument_id)  # before the booking, like every booking writer
     booking = session.scalars(
         select(Booking)
         .where(

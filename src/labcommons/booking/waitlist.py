@@ -28,6 +28,7 @@ from labcommons.db import utcnow
 from labcommons.errors import Conflict, DomainError, NotFound
 from labcommons.identity import service as identity
 from labcommons.identity.models import User
+from labcommons.identity.roles import grants_of
 from labcommons.notifications.service import notify
 
 DEFAULT_OFFER_MINUTES = 60
@@ -143,7 +144,8 @@ def _eligible(session: Session, instrument: Instrument, entry: WaitlistEntry, *,
     user = session.get(User, entry.user_id)
     if user is None or not user.is_active:
         return False
-    actor = identity.actor_for(user)
+    # With the waiter's role grants, so that the policy's exemptions for facility staff apply as when they book.
+    actor = identity.actor_for(user, grants=grants_of(session, user.id))
     try:
         booking_service.check_booking_request(instrument, actor, entry.starts_at, entry.ends_at, entry.purpose,
                                               now=now)
@@ -181,12 +183,20 @@ def _offer_free_time(
         .order_by(WaitlistEntry.created_at, WaitlistEntry.id)
         .with_for_update()
     ).all()
-    # Two waiters are never offered overlapping time at once.
-    live = [e for e in candidates if e.status == WaitlistStatus.offered and e.offer_expires_at
-            and e.offer_expires_at > now]
     waiting = [e for e in candidates if e.status == WaitlistStatus.waiting]
     if not waiting:
         return []
+    # Two waiters are never offered overlapping time at once. A waiter's interval may reach beyond the freed one,
+    # so live offers are looked up over the whole stretch the candidates wait for.
+    live = list(session.scalars(
+        select(WaitlistEntry).where(
+            WaitlistEntry.instrument_id == instrument_id,
+            WaitlistEntry.status == WaitlistStatus.offered,
+            WaitlistEntry.offer_expires_at > now,
+            WaitlistEntry.starts_at < max(e.ends_at for e in waiting),
+            WaitlistEntry.ends_at > min(e.starts_at for e in waiting),
+        )
+    ))
     instrument = catalog.get_instrument(session, instrument_id)
     minutes = offer_minutes(session, instrument_id)
     offered: list[WaitlistEntry] = []

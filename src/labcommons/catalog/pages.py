@@ -213,6 +213,8 @@ def render_instrument_page(
         instrument = service.get_instrument(session, instrument_id)
         policy = booking_policy.policy_for(session, instrument_id)
     zone = user_zone(request)
+    if week is not None and not date.min + timedelta(days=14) <= week <= date.max - timedelta(days=21):
+        week = None  # a week at the edge of what datetime holds (year 1 or 9999): its calendar would overflow
     monday = _monday(week or now.astimezone(zone).date())
     calendar = week_calendar(request, db, instrument, monday, now=now)
     values = {"date": "", "start": "", "end": "", "duration": "", "purpose": ""}

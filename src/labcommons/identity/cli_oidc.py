@@ -40,7 +40,7 @@ def client_list() -> None:
     """Registered member systems."""
     table = Table("name", "redirect URIs", "trusted", "enabled")
     # The id must stay whole to be copied; the other columns give way on a narrow terminal.
-    table.add_column("client_id", no_wrap=True, min_width=22)
+    table.add_column("client_id", no_wrap=True, min_width=28)
     with database().unit_of_work(write=False) as session:
         for client in provider.list_clients(session):
             table.add_row(client.name, "\n".join(provider.redirect_uris_of(client)),

@@ -250,7 +250,8 @@ def register_client(
     if not uris:
         raise InvalidInput("At least one redirect URI is required.", field="redirect_uri", code="missing_field")
     secret = secrets.token_urlsafe(32)
-    client = OidcClient(client_id=secrets.token_urlsafe(16), secret_hash=_digest(secret), name=name,
+    # Hex after a prefix: an id starting with "-" would read as an option on the command line.
+    client = OidcClient(client_id=f"lcc_{secrets.token_hex(12)}", secret_hash=_digest(secret), name=name,
                         redirect_uris="\n".join(uris), trusted=trusted, enabled=True)
     session.add(client)
     session.flush()
