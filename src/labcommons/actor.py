@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 
 
 @dataclass(frozen=True)
@@ -19,7 +20,8 @@ class Grant:
 class Actor:
     """An authenticated user as services need them: who, where they belong, what roles they hold.
 
-    `scopes` is None for a browser session (everything the roles allow) and the token's scopes for an API token.
+    `scopes` is None for a browser session (everything the roles allow) and the token's scopes for an API token;
+    `token_expires_at` is the calling API token's expiry (None for a browser session or a token that never expires).
     """
 
     user_id: int
@@ -31,3 +33,4 @@ class Actor:
     timezone: str | None = None
     grants: tuple[Grant, ...] = field(default=())
     scopes: frozenset[str] | None = None
+    token_expires_at: datetime | None = None

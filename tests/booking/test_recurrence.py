@@ -184,3 +184,90 @@ def test_far_future_dates_on_the_pages_are_refused(world: World) -> None:
             "csrf_token": csrf_of(page.text), "email": "alice@example.org", "level": "independent",
             "expires": "9999-12-31"})
         assert granted.status_code == 422
+
+
+# --- cancelling a series -----------------------------------------------------------------------------------
+
+
+def _weekly_series(world: World, user: str = "alice", count: int = 4) -> tuple[int, list[int]]:
+    start = next_grid_day()
+    with world.db.unit_of_work() as s:
+        result = recurrence.book_series(s, world.actors[user], world.instruments["CONF"], start, 60,
+                                        f"FREQ=WEEKLY;COUNT={count}", timezone="Asia/Shanghai")
+        assert result.status == "booked" and result.series is not None
+        return result.series.id, [o.booking.id for o in result.occurrences if o.booking is not None]
+
+
+def test_cancel_series_cancels_the_future_and_reports_the_rest(world: World) -> None:
+    from labcommons.booking import policy
+    from labcommons.booking.models import BookingPolicy, BookingStatus, WaitlistEntry, WaitlistStatus
+
+    series_id, ids = _weekly_series(world)
+    with world.db.unit_of_work() as s:
+        s.merge(BookingPolicy(instrument_id=world.instruments["CONF"],
+                              **(policy.DEFAULTS | {"cancellation_deadline_hours": 24})))
+        first, second = s.get(Booking, ids[0]), s.get(Booking, ids[1])
+        assert first is not None and second is not None
+        # The first occurrence is in use, the second is within the deadline; the third has a waiter.
+        now = second.starts_at - timedelta(hours=1)
+        first.starts_at, first.ends_at = now - timedelta(minutes=30), now + timedelta(minutes=30)
+        first.checked_in_at = now - timedelta(minutes=20)
+        third = s.get(Booking, ids[2])
+        assert third is not None
+        s.add(WaitlistEntry(user_id=world.actors["bob"].user_id, instrument_id=third.instrument_id,
+                            starts_at=third.starts_at, ends_at=third.ends_at, purpose="",
+                            status=WaitlistStatus.waiting, created_at=now))
+    with world.db.unit_of_work() as s:
+        result = recurrence.cancel_series(s, world.actors["alice"], series_id, now=now)
+        assert [b.id for b in result.cancelled] == ids[2:]
+        assert [(o.booking.id, o.code) for o in result.skipped] == [
+            (ids[0], "booking_not_cancellable"), (ids[1], "cancellation_deadline_passed")]
+    with world.db.unit_of_work(write=False) as s:
+        statuses = [s.get(Booking, i).status for i in ids]  # type: ignore[union-attr]
+        assert statuses[:2] != [BookingStatus.cancelled] * 2
+        assert statuses[2:] == [BookingStatus.cancelled] * 2
+        entry = s.scalars(select(WaitlistEntry)).one()
+        assert entry.status == WaitlistStatus.offered
+
+
+def test_cancel_series_of_someone_else_is_not_found(world: World) -> None:
+    from labcommons.errors import NotFound
+
+    series_id, _ids = _weekly_series(world)
+    with world.db.unit_of_work() as s, pytest.raises(NotFound):
+        recurrence.cancel_series(s, world.actors["bob"], series_id)
+    with world.db.unit_of_work() as s, pytest.raises(NotFound):
+        recurrence.cancel_series(s, world.actors["alice"], series_id + 1000)
+
+
+def test_cancel_series_api(world: World) -> None:
+    series_id, ids = _weekly_series(world, count=3)
+    client = client_for(world.db)
+    other = client.post(f"/api/v1/bookings/series/{series_id}/cancel", headers=world.headers("bob"))
+    assert other.status_code == 404, other.text
+    done = client.post(f"/api/v1/bookings/series/{series_id}/cancel", headers=world.headers("alice"))
+    assert done.status_code == 200, done.text
+    assert [b["id"] for b in done.json()["cancelled"]] == ids and done.json()["skipped"] == []
+    again = client.post(f"/api/v1/bookings/series/{series_id}/cancel", headers=world.headers("alice"))
+    assert again.status_code == 200 and again.json()["cancelled"] == []
+
+
+def test_cancel_series_from_my_bookings(world: World) -> None:
+    from fastapi.testclient import TestClient
+
+    from labcommons.app import create_app
+    from tests.web.conftest import csrf_of, sign_in
+
+    series_id, _ids = _weekly_series(world, count=3)
+    with TestClient(create_app(db=world.db)) as client:
+        sign_in(client, "alice")
+        page = client.get("/bookings")
+        assert f'action="/bookings/series/{series_id}/cancel"' in page.text
+        assert client.post(f"/bookings/series/{series_id}/cancel", data={"csrf_token": "wrong"},
+                           follow_redirects=False).status_code in (400, 403)
+        done = client.post(f"/bookings/series/{series_id}/cancel", data={"csrf_token": csrf_of(page.text)},
+                           follow_redirects=False)
+        assert done.status_code == 303 and done.headers["location"] == "/bookings"
+        after = client.get("/bookings")
+        assert "已取消 3 次预约" in after.text
+        assert f'action="/bookings/series/{series_id}/cancel"' not in after.text

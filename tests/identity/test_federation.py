@@ -173,6 +173,41 @@ def test_cq_provider_gets_pkce_and_basic_auth_and_creates_a_chongqing_user(env: 
         assert (user.region_code, user.institution_id, user.name) == ("CQ", None, "zhao.lei")
 
 
+def test_email_missing_from_the_id_token_is_taken_from_userinfo(env: Env) -> None:
+    env.cq.claims = {"sub": "cq-ui", "name": "赵雷"}
+    env.cq.userinfo = {"sub": "cq-ui", "email": "Zhao.Lei@CQ-ids.example", "email_verified": True,
+                       "name": "Someone Else", "institution": "CQ-LAB"}
+    done = cq_login(env)
+    assert done.status_code == 303, done.text
+    assert federation.provider_metadata(env.cq.issuer).userinfo_endpoint == f"{env.cq.issuer}/userinfo"
+    assert len(env.cq.userinfo_requests) == 1 and env.cq.userinfo_requests[0].startswith("Bearer ")
+    with env.db.unit_of_work(write=False) as s:
+        user = s.scalars(select(User).where(User.email == "zhao.lei@cq-ids.example")).one()
+        # The ID token's name wins over the userinfo's; the userinfo fills in what the ID token lacks.
+        assert (user.region_code, user.name) == ("CQ", "赵雷")
+        assert user.institution_id == env.world.institutions["CQ-LAB"]
+        identity = s.scalars(select(ExternalIdentity).where(ExternalIdentity.subject == "cq-ui")).one()
+        assert (identity.email, identity.email_verified, identity.user_id) == ("zhao.lei@cq-ids.example", True,
+                                                                               user.id)
+
+
+def test_userinfo_is_not_asked_when_the_id_token_has_the_email(env: Env) -> None:
+    env.cq.userinfo = {"sub": "cq-0001", "email": "other@cq-ids.example", "email_verified": True}
+    assert cq_login(env).status_code == 303
+    assert env.cq.userinfo_requests == []
+    with env.db.unit_of_work(write=False) as s:
+        assert s.scalars(select(User).where(User.email == "li.ming@cq-ids.example")).one()
+
+
+def test_userinfo_about_another_subject_is_refused(env: Env) -> None:
+    before = counts(env.db)
+    env.cq.claims = {"sub": "cq-victim", "name": "Mallory"}
+    env.cq.userinfo = {"sub": "cq-someone-else", "email": "someone@cq-ids.example", "email_verified": True}
+    assert_refused(env, cq_login(env), 400, "about a different person", before)
+    with env.db.unit_of_work(write=False) as s:
+        assert s.scalars(select(User).where(User.email == "someone@cq-ids.example")).first() is None
+
+
 # --- refusals: state and browser binding ---
 
 

@@ -142,3 +142,46 @@ def test_api_writes_with_the_session_cookie_need_the_csrf_header(world: World, c
     assert client.get("/api/v1/bookings").json()["items"] == []
     token = csrf_of(client.get("/account").text)
     assert client.post("/api/v1/bookings", json=body, headers={"X-CSRF-Token": token}).status_code == 201
+
+
+def test_a_token_cannot_mint_a_longer_lived_token(world: World, client: TestClient) -> None:
+    now = utcnow()
+    parent_expiry = now + timedelta(days=10)
+    parent = make_token(world, "alice", ["account", "bookings:read"], expires_at=parent_expiry)
+    headers = {"Authorization": f"Bearer {parent}"}
+    with world.db.unit_of_work() as s:
+        assert service.authenticate_token(s, parent).token_expires_at == parent_expiry
+        assert service.authenticate_token(s, world.tokens["alice"]).token_expires_at is None
+
+    # Asking for a later expiry than the calling token's own is refused and names the field.
+    late = client.post("/api/v1/me/tokens", headers=headers,
+                       json={"name": "child", "scopes": ["account"],
+                             "expires_at": (parent_expiry + timedelta(days=1)).isoformat()})
+    assert late.status_code == 422 and late.json()["field"] == "expires_at"
+    assert late.json()["error"] == "expiry_beyond_token" and "outlives it" in late.json()["message"]
+
+    # An expiry up to the calling token's own is fine.
+    ok = client.post("/api/v1/me/tokens", headers=headers,
+                     json={"name": "child", "scopes": ["account"],
+                           "expires_at": (parent_expiry - timedelta(days=1)).isoformat()})
+    assert ok.status_code == 201, ok.text
+
+    # Without an expiry the child gets the parent's, since that is sooner than the usual 90 days.
+    default = client.post("/api/v1/me/tokens", headers=headers, json={"name": "child2", "scopes": ["account"]})
+    assert default.status_code == 201, default.text
+    with world.db.unit_of_work(write=False) as s:
+        child = s.get(ApiToken, default.json()["id"])
+        assert child is not None and child.expires_at == parent_expiry
+
+    # A browser session or a token without expiry keeps the usual limits and the 90-day default.
+    with world.db.unit_of_work() as s:
+        forever = service.create_api_token(s, service.find_user(s, "alice@example.org"), name="forever",
+                                           scopes=["account"])
+    far = client.post("/api/v1/me/tokens", headers={"Authorization": f"Bearer {forever}"},
+                      json={"name": "far", "scopes": ["account"]})
+    assert far.status_code == 201, far.text
+    assert far.json()["expires_at"] is not None
+    with world.db.unit_of_work(write=False) as s:
+        far_row = s.get(ApiToken, far.json()["id"])
+        assert far_row is not None and far_row.expires_at is not None
+        assert far_row.expires_at >= now + service.TOKEN_DEFAULT_LIFETIME

@@ -50,6 +50,10 @@ class Upstream:
     codes: dict[str, dict[str, Any]] = field(default_factory=dict)
     token_requests: list[dict[str, Any]] = field(default_factory=list)
     jwks_fetches: int = 0
+    # When set, discovery names a userinfo endpoint that answers these claims for the access tokens it issued.
+    userinfo: dict[str, Any] | None = None
+    access_tokens: set[str] = field(default_factory=set)
+    userinfo_requests: list[str] = field(default_factory=list)
 
     @property
     def issuer(self) -> str:
@@ -69,7 +73,7 @@ class Upstream:
         request = Request(environ)
         handlers = {
             "/.well-known/openid-configuration": self._discovery, "/jwks": self._jwks,
-            "/authorize": self._authorize, "/token": self._token,
+            "/authorize": self._authorize, "/token": self._token, "/userinfo": self._userinfo,
         }
         handler = handlers.get(request.path)
         response = handler(request) if handler else Response("not found", status=404)
@@ -79,7 +83,9 @@ class Upstream:
         return Response(json.dumps(body), status=status, content_type="application/json")
 
     def _discovery(self, request: Request) -> Response:
+        extra = {"userinfo_endpoint": f"{self.base_url}/userinfo"} if self.userinfo is not None else {}
         return self._json({
+            **extra,
             "issuer": self.discovery_issuer or self.issuer,
             "authorization_endpoint": f"{self.base_url}/authorize",
             "token_endpoint": f"{self.base_url}/token",
@@ -93,6 +99,15 @@ class Upstream:
     def _jwks(self, request: Request) -> Response:
         self.jwks_fetches += 1
         return self._json({"keys": [key.as_dict(private=False) for key in self.keys]})
+
+    def _userinfo(self, request: Request) -> Response:
+        authorization = request.headers.get("Authorization", "")
+        self.userinfo_requests.append(authorization)
+        if self.userinfo is None:
+            return Response("not found", status=404)
+        if authorization.removeprefix("Bearer ") not in self.access_tokens:
+            return self._json({"error": "invalid_token"}, 401)
+        return self._json(self.userinfo)
 
     def _authorize(self, request: Request) -> Response:
         args = request.args
@@ -136,7 +151,9 @@ class Upstream:
                 claims[name] = value
         key = self._key()
         id_token = jwt.encode({"alg": "RS256", "kid": key.kid}, claims, key)
-        return self._json({"access_token": secrets.token_urlsafe(16), "token_type": "Bearer", "expires_in": 300,
+        access_token = secrets.token_urlsafe(16)
+        self.access_tokens.add(access_token)
+        return self._json({"access_token": access_token, "token_type": "Bearer", "expires_in": 300,
                            "id_token": id_token})
 
 

@@ -185,6 +185,38 @@ def create_series(
     return JSONResponse(read, status_code=201)
 
 
+class SkippedRead(BaseModel):
+    booking_id: int
+    starts_at: datetime
+    ends_at: datetime
+    error: str
+    message: str
+
+
+class SeriesCancelRead(BaseModel):
+    series_id: int
+    cancelled: list[BookingRead]
+    skipped: list[SkippedRead]
+
+
+@router.post("/bookings/series/{series_id}/cancel", response_model=SeriesCancelRead, responses=ERRORS)
+def cancel_series(
+    series_id: int,
+    actor: Annotated[Actor, Depends(require_scope("bookings:write"))],
+    db: Annotated[Database, Depends(get_db)],
+) -> SeriesCancelRead:
+    """Cancel every occurrence of the caller's series that has not ended, each like a single booking; those that
+    cannot be cancelled (past the cancellation deadline, checked in) are left and listed in `skipped` with why."""
+    with db.unit_of_work() as session:
+        result = recurrence.cancel_series(session, actor, series_id)
+        return SeriesCancelRead(
+            series_id=result.series.id,
+            cancelled=[BookingRead.of(b) for b in result.cancelled],
+            skipped=[SkippedRead(booking_id=o.booking.id, starts_at=o.booking.starts_at, ends_at=o.booking.ends_at,
+                                 error=o.code, message=o.message) for o in result.skipped],
+        )
+
+
 # --- waitlist --------------------------------------------------------------------------------------------
 
 

@@ -225,6 +225,26 @@ def book_series(
                   instrument=instrument, result=result, form=form, refusal=_refusal)
 
 
+@router.post("/bookings/series/{series_id}/cancel", response_model=None)
+def cancel_series(
+    series_id: int,
+    request: Request,
+    db: Annotated[Database, Depends(get_db)],
+    csrf_token: Annotated[str, Form()] = "",
+) -> Response:
+    """Cancel the rest of one of the user's series and go back to the list (Post/Redirect/Get)."""
+    actor = require_actor(request)
+    check_csrf(request, csrf_token)
+    with db.unit_of_work() as session:
+        result = recurrence.cancel_series(session, actor, series_id)
+        cancelled, skipped = len(result.cancelled), len(result.skipped)
+    if skipped:
+        flash = _("Series: %(n)s occurrence(s) cancelled; %(m)s could not be cancelled "
+                  "(checked in or past the cancellation deadline).") % {"n": cancelled, "m": skipped}
+        return redirect("/bookings", flash=flash, kind="error" if not cancelled else "info")
+    return redirect("/bookings", flash=_("Series: %(n)s occurrence(s) cancelled.") % {"n": cancelled})
+
+
 # --- waitlist ---------------------------------------------------------------------------------------------
 
 

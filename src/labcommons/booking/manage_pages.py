@@ -253,12 +253,18 @@ def _qualifications_page(request: Request, db: Database, actor: Actor, instrumen
         rows = qualifications.list_for_instrument(session, actor, instrument_id)
         instrument = session.get(Instrument, instrument_id)
     context.setdefault("error", None)
-    context.setdefault("form", {"email": "", "level": "independent", "expires": "", "note": ""})
+    context.setdefault("form", {"email": "", "level": "independent", "expires": "", "note": "", "category": ""})
     now = utcnow()
+    # Category qualifications reach every institution's instruments: only platform administrators manage them.
+    manages_categories = roles.is_platform_admin(actor)
     return render(
         request, "booking/qualifications.html", status_code,
         page_path=f"/manage/instruments/{instrument_id}/qualifications", instrument=instrument, rows=rows,
-        now=now, level_label=_level_label, **context,
+        now=now, level_label=_level_label, manages_categories=manages_categories,
+        category_choices=policy.category_codes(instrument.category_code) if instrument else [],
+        category_rows=[r for r in rows if r.qualification.category_code is not None and r.live(now)]
+        if manages_categories else [],
+        **context,
     )
 
 
@@ -279,13 +285,21 @@ def grant_qualification(
     instrument_id: int, request: Request, db: Annotated[Database, Depends(get_db)],
     csrf_token: Annotated[str, Form()] = "", email: Annotated[str, Form()] = "",
     level: Annotated[str, Form()] = "independent", expires: Annotated[str, Form()] = "",
-    note: Annotated[str, Form()] = "",
+    note: Annotated[str, Form()] = "", category: Annotated[str, Form(max_length=100)] = "",
 ) -> Response:
-    """Grant a qualification on this instrument (Post/Redirect/Get)."""
+    """Grant a qualification on this instrument, or (platform administrators) on its category or a parent
+    category (Post/Redirect/Get)."""
     actor = require_actor(request)
     check_csrf(request, csrf_token)
-    form = {"email": email, "level": level, "expires": expires, "note": note}
+    form = {"email": email, "level": level, "expires": expires, "note": note, "category": category}
+    category_code = category.strip() or None
     try:
+        if category_code is not None:
+            with db.unit_of_work(write=False) as session:
+                instrument = session.get(Instrument, instrument_id)
+                choices = policy.category_codes(instrument.category_code) if instrument else []
+            if category_code not in choices:
+                raise InvalidInput("not a category of the instrument", field="category", code="invalid_choice")
         expires_at = None
         if expires.strip():
             try:
@@ -294,14 +308,22 @@ def grant_qualification(
             except (ValueError, OverflowError):  # OverflowError: the day after 9999-12-31
                 raise InvalidInput("bad date", field="expires_at", code="invalid_date") from None
         with db.unit_of_work() as session:
-            qualifications.grant(session, actor, email, instrument_id=instrument_id, level=level,
-                                 expires_at=expires_at, note=note)
+            if category_code is not None:
+                qualifications.grant(session, actor, email, category_code=category_code, level=level,
+                                     expires_at=expires_at, note=note)
+            else:
+                qualifications.grant(session, actor, email, instrument_id=instrument_id, level=level,
+                                     expires_at=expires_at, note=note)
     except DomainError as exc:
         if exc.status_code not in (404, 409, 422) or exc.field == "instrument_id":
             raise
         message = _("No user has this e-mail address.") if exc.field == "user_email" else (
             _("Enter the date as YYYY-MM-DD.") if exc.code == "invalid_date" else rule_error_message(exc))
         return _qualifications_page(request, db, actor, instrument_id, 422, error=message, form=form)
+    if category_code is not None:
+        return redirect(f"/manage/instruments/{instrument_id}/qualifications",
+                        flash=_("Qualification for category %(category)s granted to %(email)s.") % {
+                            "category": category_code, "email": email.strip()})
     return redirect(f"/manage/instruments/{instrument_id}/qualifications",
                     flash=_("Qualification granted to %(email)s.") % {"email": email.strip()})
 

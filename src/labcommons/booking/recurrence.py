@@ -12,11 +12,12 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from dateutil.rrule import rrule as RRule
 from dateutil.rrule import rrulestr
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from labcommons.actor import Actor
 from labcommons.booking import service
-from labcommons.booking.models import Booking, BookingSeries
+from labcommons.booking.models import ACTIVE_STATUSES, Booking, BookingSeries
 from labcommons.catalog import service as catalog
 from labcommons.config import get_settings
 from labcommons.db import utcnow
@@ -220,3 +221,51 @@ def book_series(
         occurrence.booking.series_id = series.id
     session.flush()
     return SeriesResult("booked" if len(booked) == len(occurrences) else "partial", occurrences, series)
+
+
+@dataclass
+class SkippedOccurrence:
+    """An occurrence that could not be cancelled, with the rule's code and message."""
+
+    booking: Booking
+    code: str
+    message: str
+
+
+@dataclass
+class SeriesCancellation:
+    """What cancelling the rest of a series did: the occurrences cancelled and those left, and why."""
+
+    series: BookingSeries
+    cancelled: list[Booking]
+    skipped: list[SkippedOccurrence]
+
+
+def cancel_series(session: Session, actor: Actor, series_id: int, *, now: datetime | None = None) -> SeriesCancellation:
+    """Cancel every active occurrence of the actor's own series that has not ended, each one like a single booking
+    (owner check, cancellation deadline, notification, waitlist offer); those that cannot be cancelled are skipped
+    and reported. Someone else's series is reported exactly like a missing one."""
+    now = now or utcnow()
+    series = session.get(BookingSeries, series_id)
+    if series is None or series.user_id != actor.user_id:
+        raise NotFound(f"Series {series_id} does not exist.", field="series_id")
+    ids = session.scalars(
+        select(Booking.id)
+        .where(Booking.series_id == series.id, Booking.user_id == actor.user_id,
+               Booking.status.in_(ACTIVE_STATUSES), Booking.ends_at > now)
+        .order_by(Booking.starts_at, Booking.id)
+    ).all()
+    cancelled: list[Booking] = []
+    skipped: list[SkippedOccurrence] = []
+    for booking_id in ids:
+        try:
+            # Each occurrence in its own savepoint: a refused one leaves the others (and PostgreSQL) intact.
+            with session.begin_nested():
+                cancelled.append(service.cancel_booking(session, actor, booking_id, now=now))
+        except NotFound:
+            continue
+        except DomainError as exc:
+            booking = session.get(Booking, booking_id)
+            assert booking is not None
+            skipped.append(SkippedOccurrence(booking, exc.code, exc.message))
+    return SeriesCancellation(series, cancelled, skipped)

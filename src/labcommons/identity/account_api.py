@@ -11,6 +11,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 from labcommons.actor import Actor
 from labcommons.catalog.schemas import Named
 from labcommons.db import Database, utcnow
+from labcommons.errors import InvalidInput
 from labcommons.http import InsufficientScope, get_db, require_scope
 from labcommons.identity import roles, service
 from labcommons.identity.models import ApiToken
@@ -61,7 +62,11 @@ class TokenCreate(BaseModel):
 
     name: str = Field(min_length=1, max_length=100)
     scopes: list[str] = Field(description="Some of: " + ", ".join(roles.SCOPES))
-    expires_at: AwareDatetime | None = Field(default=None, description="At most a year ahead; default 90 days")
+    expires_at: AwareDatetime | None = Field(
+        default=None,
+        description="At most a year ahead and, when a token creates it, no later than that token's own expiry; "
+                    "default 90 days (or the calling token's expiry if that is sooner)",
+    )
 
 
 class TokenCreated(TokenRead):
@@ -112,11 +117,20 @@ def create_token(
         if missing:
             raise InsufficientScope(missing[0])
     now = utcnow()
+    expires_at = body.expires_at or now + service.TOKEN_DEFAULT_LIFETIME
+    if actor.scopes is not None and actor.token_expires_at is not None:
+        # Nor a longer-lived one: the new token ends no later than the calling token.
+        if body.expires_at is None:
+            expires_at = min(expires_at, actor.token_expires_at)
+        elif body.expires_at > actor.token_expires_at:
+            raise InvalidInput(
+                "A token cannot create a token that outlives it; choose an expiry no later than "
+                f"{actor.token_expires_at.isoformat()}.", field="expires_at", code="expiry_beyond_token",
+            )
     with db.unit_of_work() as session:
         user = service.find_user(session, actor.email)
         token = service.create_api_token(
-            session, user, name=body.name.strip(), scopes=body.scopes,
-            expires_at=body.expires_at or now + service.TOKEN_DEFAULT_LIFETIME, now=now,
+            session, user, name=body.name.strip(), scopes=body.scopes, expires_at=expires_at, now=now,
         )
         row = service.list_api_tokens(session, user.id)[0]
         return TokenCreated(**TokenRead.of(row).model_dump(), token=token)

@@ -86,6 +86,11 @@ ACCOUNT_DISABLED = N_("This account is disabled.")
 IDENTITY_TAKEN = N_("This identity already belongs to another account.")
 LAST_SIGN_IN_METHOD = N_("This is your only way to sign in; set a password or link another identity first.")
 NO_SUCH_IDENTITY = N_("There is no such linked identity.")
+USERINFO_WRONG_SUBJECT = N_(
+    "The identity service's profile answer is about a different person than its sign-in answer; sign-in refused."
+)
+# Claims taken from the userinfo endpoint when the ID token lacks them (the ID token's own win).
+USERINFO_CLAIMS = ("email", "email_verified", "name", "institution")
 
 
 class SignInRefused(DomainError):
@@ -202,6 +207,8 @@ class ProviderMetadata:
     authorization_endpoint: str
     token_endpoint: str
     jwks_uri: str
+    # None when the discovery document names none (or one that is not https, or http on loopback).
+    userinfo_endpoint: str | None = None
 
 
 _lock = threading.Lock()
@@ -228,6 +235,14 @@ def _get_json(url: str) -> dict[str, Any]:
     return body
 
 
+def _usable_endpoint(url: str) -> bool:
+    """Whether an endpoint is one we send a bearer token to: https, or plain http on loopback only."""
+    parts = urlsplit(url)
+    if not parts.hostname or parts.scheme not in ("https", "http"):
+        return False
+    return parts.scheme == "https" or _is_loopback(parts.hostname)
+
+
 def provider_metadata(issuer: str) -> ProviderMetadata:
     """The discovery document of an issuer; its own `issuer` must equal the configured one exactly."""
     now = time.monotonic()
@@ -239,7 +254,11 @@ def provider_metadata(issuer: str) -> ProviderMetadata:
     fields = ("authorization_endpoint", "token_endpoint", "jwks_uri")
     if doc.get("issuer") != issuer or not all(isinstance(doc.get(f), str) and doc.get(f) for f in fields):
         raise SignInRefused(BAD_DISCOVERY, code="bad_discovery", status_code=502)
-    metadata = ProviderMetadata(issuer, doc["authorization_endpoint"], doc["token_endpoint"], doc["jwks_uri"])
+    userinfo = doc.get("userinfo_endpoint")
+    metadata = ProviderMetadata(
+        issuer, doc["authorization_endpoint"], doc["token_endpoint"], doc["jwks_uri"],
+        userinfo_endpoint=userinfo if isinstance(userinfo, str) and _usable_endpoint(userinfo) else None,
+    )
     with _lock:
         _metadata_cache[issuer] = (now, metadata)
     return metadata
@@ -445,8 +464,46 @@ def exchange_code(pending: PendingLogin, code: str) -> dict[str, Any]:
     id_token = token.get("id_token")
     if not isinstance(id_token, str):
         raise SignInRefused(TOKEN_EXCHANGE_FAILED, code="token_exchange_failed")
-    return verify_id_token(id_token, issuer=pending.issuer, client_id=pending.client_id, nonce=pending.nonce,
-                           jwks_uri=metadata.jwks_uri)
+    claims = verify_id_token(id_token, issuer=pending.issuer, client_id=pending.client_id, nonce=pending.nonce,
+                             jwks_uri=metadata.jwks_uri)
+    access_token = token.get("access_token")
+    if not _claim_str(claims, "email") and metadata.userinfo_endpoint and isinstance(access_token, str):
+        # Some providers put the e-mail only in the userinfo answer (OIDC Core 5.4); no database work is open here.
+        claims = _with_userinfo(claims, fetch_userinfo(metadata.userinfo_endpoint, access_token, claims["sub"]))
+    return claims
+
+
+def fetch_userinfo(endpoint: str, access_token: str, subject: str) -> dict[str, Any]:
+    """The userinfo claims for the access token; refused unless they are about `subject` (OIDC Core 5.3.2)."""
+    try:
+        response = httpx.get(
+            endpoint, headers={"Authorization": f"Bearer {access_token}", "Accept": "application/json"},
+            timeout=get_settings().oidc_http_timeout_seconds, follow_redirects=False,
+        )
+    except httpx.HTTPError as exc:
+        raise SignInRefused(PROVIDER_UNREACHABLE, code="provider_unreachable", status_code=502) from exc
+    if response.status_code != 200:
+        raise SignInRefused(TOKEN_EXCHANGE_FAILED, code="userinfo_failed")
+    try:
+        body = response.json()
+    except ValueError as exc:  # e.g. a signed userinfo answer, which we do not ask for
+        raise SignInRefused(TOKEN_EXCHANGE_FAILED, code="userinfo_failed") from exc
+    if not isinstance(body, dict):
+        raise SignInRefused(TOKEN_EXCHANGE_FAILED, code="userinfo_failed")
+    sub = body.get("sub")
+    if not isinstance(sub, str) or not secrets.compare_digest(sub.encode(), subject.encode()):
+        # Token substitution: the answer is about somebody else, so none of it may be used.
+        raise SignInRefused(USERINFO_WRONG_SUBJECT, code="userinfo_wrong_subject")
+    return body
+
+
+def _with_userinfo(claims: dict[str, Any], userinfo: dict[str, Any]) -> dict[str, Any]:
+    """The ID-token claims completed with the userinfo's e-mail, verification, name and institution."""
+    merged = dict(claims)
+    for name in USERINFO_CLAIMS:
+        if merged.get(name) in (None, "") and userinfo.get(name) not in (None, ""):
+            merged[name] = userinfo[name]
+    return merged
 
 
 def _claim_str(claims: dict[str, Any], name: str) -> str:

@@ -39,11 +39,15 @@ def _digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def actor_for(user: User, *, grants: tuple[Grant, ...] = (), scopes: frozenset[str] | None = None) -> Actor:
-    """The Actor of a user, with the role grants and token scopes the caller loaded."""
+def actor_for(
+    user: User, *, grants: tuple[Grant, ...] = (), scopes: frozenset[str] | None = None,
+    token_expires_at: datetime | None = None,
+) -> Actor:
+    """The Actor of a user, with the role grants, token scopes and token expiry the caller loaded."""
     return Actor(
         user_id=user.id, email=user.email, name=user.name, institution_id=user.institution_id,
         region_code=user.region_code, locale=user.locale, timezone=user.timezone, grants=grants, scopes=scopes,
+        token_expires_at=token_expires_at,
     )
 
 
@@ -163,7 +167,7 @@ def authenticate_token(session: Session, token: str, *, now: datetime | None = N
     from labcommons.identity.roles import SCOPES, grants_of
 
     scopes = frozenset(api_token.scopes.split()) if api_token.scopes.strip() else frozenset(SCOPES)
-    return actor_for(user, grants=grants_of(session, user.id), scopes=scopes)
+    return actor_for(user, grants=grants_of(session, user.id), scopes=scopes, token_expires_at=api_token.expires_at)
 
 
 def verify_password(session: Session, email: str, password: str) -> User:
