@@ -13,10 +13,11 @@ from labcommons.actor import Actor
 from labcommons.config import get_settings
 from labcommons.db import Database, utcnow
 from labcommons.errors import InvalidInput
-from labcommons.http import SESSION_COOKIE, get_db
+from labcommons.http import get_db
 from labcommons.i18n import gettext_ as _
 from labcommons.identity import roles, service
 from labcommons.identity.account_api import router as account_api
+from labcommons.identity.pages import clear_session_cookie
 from labcommons.pages import check_csrf, csrf_for, redirect, render, require_actor, to_utc
 
 
@@ -142,5 +143,5 @@ def logout_everywhere(
     with db.unit_of_work() as session:
         service.end_all_web_sessions(session, actor.user_id)
     response = redirect("/login", flash=_("Signed out on every device."))
-    response.delete_cookie(SESSION_COOKIE, httponly=True, samesite="lax", secure=get_settings().cookie_secure)
+    clear_session_cookie(response)
     return response

@@ -14,7 +14,8 @@ from labcommons.http import SESSION_COOKIE, get_db
 from labcommons.i18n import gettext_ as _
 from labcommons.identity import federation, roles, service
 from labcommons.identity.federation import SignInRefused
-from labcommons.pages import check_csrf, redirect, render, render_error, require_actor, safe_next
+from labcommons.identity.pages import login_page, next_target, set_session_cookie
+from labcommons.pages import check_csrf, redirect, render, render_error, require_actor
 
 router = APIRouter(include_in_schema=False)
 
@@ -23,27 +24,10 @@ OIDC_COOKIE = "labcommons_oidc"
 _COOKIE_MAX_AGE = int(federation.LOGIN_STATE_LIFETIME.total_seconds())
 
 
-def _next_target(next_: str | None, default: str = "/") -> str:
-    target = safe_next(next_, default)
-    # Coming back to the sign-in page after signing in would only bounce.
-    return default if target.split("?")[0] in ("/login", "/logout") else target
-
-
-def _login_page(request: Request, status_code: int, *, error: str, next_path: str = "/") -> Response:
-    """The sign-in page with an error, as identity/pages.py renders it."""
-    with get_db(request).unit_of_work(write=False) as session:
-        providers = list(federation.enabled_providers(session))
-    return render(
-        request, "identity/login.html", status_code=status_code, providers=providers,
-        local_login_enabled=get_settings().local_login_enabled, page_path="/login", next=next_path, email="",
-        error=error,
-    )
-
-
 def _refused(request: Request, exc: DomainError, *, linking: bool, next_path: str = "/") -> Response:
     if linking:
         return render_error(request, exc.status_code, exc.message, code=exc.code)
-    return _login_page(request, exc.status_code, error=_(exc.message), next_path=next_path)
+    return login_page(request, exc.status_code, error=_(exc.message), next=next_path, email="")
 
 
 def _start(request: Request, db: Database, name: str, next_path: str, link_user_id: int | None) -> Response:
@@ -76,7 +60,7 @@ def start_login(
 ) -> Response:
     """Send the browser to the provider's authorization endpoint (code flow with PKCE, state and nonce)."""
     check_csrf(request, csrf_token)
-    return _start(request, db, name, _next_target(next_), None)
+    return _start(request, db, name, next_target(next_), None)
 
 
 @router.post("/account/identities/link/{name}", response_model=None)
@@ -90,7 +74,7 @@ def start_link(
     """Link another upstream identity to the signed-in account: the same flow, remembered as a link."""
     actor = require_actor(request)
     check_csrf(request, csrf_token)
-    return _start(request, db, name, _next_target(next_, "/account"), actor.user_id)
+    return _start(request, db, name, next_target(next_, "/account"), actor.user_id)
 
 
 @router.get("/login/oidc/{name}/callback", response_model=None)
@@ -129,10 +113,7 @@ def callback(
         response = redirect(pending.next_path, flash=_("The identity is now linked to your account."))
     else:
         response = redirect(pending.next_path, flash=_("Signed in as %(name)s.") % {"name": user_name})
-        response.set_cookie(
-            SESSION_COOKIE, token, max_age=int(service.SESSION_LIFETIME.total_seconds()), httponly=True,
-            samesite="lax", secure=get_settings().cookie_secure,
-        )
+        set_session_cookie(response, token)
     response.delete_cookie(OIDC_COOKIE, httponly=True, samesite="lax", secure=get_settings().cookie_secure)
     return response
 
@@ -150,7 +131,7 @@ def unlink(
     check_csrf(request, csrf_token)
     with db.unit_of_work() as session:
         federation.unlink_identity(session, user_id=actor.user_id, identity_id=identity_id)
-    return redirect(_next_target(next_, "/account"), flash=_("The identity was unlinked."))
+    return redirect(next_target(next_, "/account"), flash=_("The identity was unlinked."))
 
 
 # --- administration ---

@@ -19,10 +19,23 @@ from labcommons.pages import check_csrf, redirect, render, safe_next
 router = APIRouter(include_in_schema=False)
 
 
-def _next_target(next_: str | None) -> str:
-    target = safe_next(next_)
+def next_target(next_: str | None, default: str = "/") -> str:
+    """Where to go after signing in: a local path, never back to the sign-in or sign-out page."""
+    target = safe_next(next_, default)
     # Coming back to the sign-in page after signing in would only bounce.
-    return "/" if target.split("?")[0] in ("/login", "/logout") else target
+    return default if target.split("?")[0] in ("/login", "/logout") else target
+
+
+def set_session_cookie(response: Response, token: str) -> None:
+    """Hand the browser its new session (HttpOnly, SameSite=Lax, Secure behind https)."""
+    response.set_cookie(
+        SESSION_COOKIE, token, max_age=int(service.SESSION_LIFETIME.total_seconds()), httponly=True,
+        samesite="lax", secure=get_settings().cookie_secure,
+    )
+
+
+def clear_session_cookie(response: Response) -> None:
+    response.delete_cookie(SESSION_COOKIE, httponly=True, samesite="lax", secure=get_settings().cookie_secure)
 
 
 @router.get("/login", response_model=None)
@@ -31,11 +44,11 @@ def login_form(
 ) -> Response:
     """The sign-in form; a signed-in user goes straight on to `next`."""
     if page_actor(request) is not None:
-        return redirect(_next_target(next_))
-    return _login_page(request, next=_next_target(next_), email="", error=None)
+        return redirect(next_target(next_))
+    return login_page(request, next=next_target(next_), email="", error=None)
 
 
-def _login_page(request: Request, status_code: int = 200, **context: object) -> Response:
+def login_page(request: Request, status_code: int = 200, **context: object) -> Response:
     """The sign-in page: the enabled upstream providers, then the local form when local accounts are on."""
     with get_db(request).unit_of_work(write=False) as session:
         providers = list(federation.enabled_providers(session))
@@ -77,7 +90,7 @@ def login(
     """Check the e-mail and password, open a session and go on to `next` (a local path only)."""
     _require_local_login()
     check_csrf(request, csrf_token)
-    target = _next_target(next_)
+    target = next_target(next_)
     keys = passwords.login_keys(email, _client_address(request))
     try:
         # Its own short transaction, committed before the password is looked at: the attempt counts even if the
@@ -92,16 +105,13 @@ def login(
             token = service.start_web_session(session, user)
             name = user.name
     except TooManyAttempts as exc:
-        response = _login_page(request, 429, next=target, email=email, error=_too_many(exc))
+        response = login_page(request, 429, next=target, email=email, error=_too_many(exc))
         response.headers["Retry-After"] = str(exc.retry_after)
         return response
     except Unauthenticated:
-        return _login_page(request, 401, next=target, email=email, error=_("Wrong e-mail or password."))
+        return login_page(request, 401, next=target, email=email, error=_("Wrong e-mail or password."))
     response = redirect(target, flash=_("Signed in as %(name)s.") % {"name": name})
-    response.set_cookie(
-        SESSION_COOKIE, token, max_age=int(service.SESSION_LIFETIME.total_seconds()), httponly=True,
-        samesite="lax", secure=get_settings().cookie_secure,
-    )
+    set_session_cookie(response, token)
     return response
 
 
@@ -116,7 +126,7 @@ def logout(
         with db.unit_of_work() as session:
             service.end_web_session(session, token)
     response = redirect("/", flash=_("Signed out."))
-    response.delete_cookie(SESSION_COOKIE, httponly=True, samesite="lax", secure=get_settings().cookie_secure)
+    clear_session_cookie(response)
     return response
 
 
@@ -216,5 +226,5 @@ def reset(
         return _reset_page(request, token, 422, invalid=False, email="", error=_(exc.message),
                            error_field=exc.field)
     response = redirect("/login", flash=_("Your password was changed. Sign in with the new one."))
-    response.delete_cookie(SESSION_COOKIE, httponly=True, samesite="lax", secure=get_settings().cookie_secure)
+    clear_session_cookie(response)
     return _no_referrer(response)
