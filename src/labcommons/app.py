@@ -75,6 +75,13 @@ def create_app(
     api.include_router(notifications_api)
     from labcommons.booking.manage_api import router as manage_api
     api.include_router(manage_api)
+    from labcommons.orders.api import router as orders_api
+    from labcommons.orders.results_api import router as results_api
+    from labcommons.orders.samples_api import router as samples_api
+
+    api.include_router(orders_api)
+    api.include_router(samples_api)
+    api.include_router(results_api)
 
     @api.get("/health", tags=["ops"])
     def health() -> dict[str, str]:
@@ -106,6 +113,15 @@ def create_app(
     from labcommons.notifications.pages import router as notifications_pages
 
     app.include_router(notifications_pages)
+    from labcommons.catalog.service_pages import router as service_pages
+    from labcommons.orders.pages import router as order_pages
+    from labcommons.orders.results_pages import router as result_pages
+    from labcommons.orders.samples_pages import router as sample_pages
+
+    app.include_router(service_pages)
+    app.include_router(order_pages)
+    app.include_router(sample_pages)
+    app.include_router(result_pages)
     app.mount("/static", StaticFiles(directory=Path(__file__).parent / "static"), name="static")
 
     @app.middleware("http")

@@ -10,7 +10,16 @@ from labcommons.booking.models import (
     Qualification,
     WaitlistEntry,
 )
-from labcommons.catalog.models import Category, Facility, Institution, Instrument, Region, Service
+from labcommons.catalog.models import (
+    Category,
+    Facility,
+    Institution,
+    Instrument,
+    Region,
+    Service,
+    ServiceAccreditation,
+    ServiceInstrument,
+)
 from labcommons.db import Base
 from labcommons.identity.models import (
     ApiToken,
@@ -29,6 +38,17 @@ from labcommons.identity.models import (
     WebSession,
 )
 from labcommons.notifications.models import Job, NotificationPreference
+from labcommons.orders.models import (
+    OrderEvent,
+    OrderMessage,
+    OrderRating,
+    Quote,
+    QuoteLine,
+    ResultFile,
+    Sample,
+    SampleEvent,
+    ServiceOrder,
+)
 
 __all__ = [
     "ApiToken",
@@ -53,11 +73,22 @@ __all__ = [
     "OidcAuthorizationCode",
     "OidcClient",
     "OidcConsent",
+    "OrderEvent",
+    "OrderMessage",
+    "OrderRating",
     "PasswordReset",
     "Qualification",
+    "Quote",
+    "QuoteLine",
     "Region",
+    "ResultFile",
     "RoleGrant",
+    "Sample",
+    "SampleEvent",
     "Service",
+    "ServiceAccreditation",
+    "ServiceInstrument",
+    "ServiceOrder",
     "SigningKey",
     "User",
     "WaitlistEntry",

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import enum
-from datetime import datetime
+from datetime import date, datetime
 
-from sqlalchemy import CheckConstraint, Enum, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import CheckConstraint, Date, Enum, ForeignKey, Index, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from labcommons.db import Base, UTCDateTime, utcnow
@@ -136,11 +136,22 @@ class Instrument(Base):
     category: Mapped[Category] = relationship(lazy="raise")
 
 
+class PriceUnit(enum.StrEnum):
+    """What a service's list price is charged per."""
+
+    sample = "sample"
+    project = "project"
+    hour = "hour"
+
+
 class Service(Base):
-    """Work done by facility staff; ordering arrives with the service-orders issue."""
+    """Work done by facility staff for a user (testing, contract R&D, consultation), ordered as a ServiceOrder."""
 
     __tablename__ = "service"
-    __table_args__ = (CheckConstraint("list_price_fen IS NULL OR list_price_fen >= 0", name="price"),)
+    __table_args__ = (
+        CheckConstraint("list_price_fen IS NULL OR list_price_fen >= 0", name="price"),
+        CheckConstraint("turnaround_days IS NULL OR turnaround_days >= 0", name="turnaround"),
+    )
 
     id: Mapped[int] = mapped_column(primary_key=True)
     code: Mapped[str] = mapped_column(String(40), unique=True)
@@ -154,6 +165,40 @@ class Service(Base):
     turnaround_days: Mapped[int | None] = mapped_column(Integer)
     # Integer fen (CNY cents); NULL means quoted on request.
     list_price_fen: Mapped[int | None] = mapped_column(Integer)
+    price_unit: Mapped[PriceUnit] = mapped_column(_enum(PriceUnit, "price_unit"), default=PriceUnit.sample)
+    sample_requirements_zh: Mapped[str] = mapped_column(Text, default="")
+    sample_requirements_en: Mapped[str] = mapped_column(Text, default="")
+    # Copied from the facility, as for instruments, so search filters need no joins. Added after the first
+    # migration, so without foreign keys (SQLite adds a column in place only without one).
+    institution_id: Mapped[int | None] = mapped_column(Integer, index=True)
+    region_code: Mapped[str | None] = mapped_column(String(16), index=True)
+    is_active: Mapped[bool] = mapped_column(default=True)
+    search_name: Mapped[str] = mapped_column(Text, default="")
+    search_body: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
 
     facility: Mapped[Facility] = relationship(lazy="raise")
     category: Mapped[Category] = relationship(lazy="raise")
+
+
+class ServiceAccreditation(Base):
+    """A test item's accreditation (CMA, CNAS, ...) with its certificate, shown on the service page."""
+
+    __tablename__ = "service_accreditation"
+    __table_args__ = (UniqueConstraint("service_id", "scheme", name="uq_service_accreditation_scheme"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    service_id: Mapped[int] = mapped_column(ForeignKey("service.id", ondelete="CASCADE"), index=True)
+    scheme: Mapped[str] = mapped_column(String(20))
+    certificate_no: Mapped[str] = mapped_column(String(80), default="")
+    valid_until: Mapped[date | None] = mapped_column(Date)
+
+
+class ServiceInstrument(Base):
+    """An instrument a service uses."""
+
+    __tablename__ = "service_instrument"
+
+    service_id: Mapped[int] = mapped_column(ForeignKey("service.id", ondelete="CASCADE"), primary_key=True)
+    instrument_id: Mapped[int] = mapped_column(ForeignKey("instrument.id", ondelete="CASCADE"), primary_key=True)

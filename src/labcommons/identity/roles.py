@@ -70,6 +70,9 @@ class Action(enum.StrEnum):
     manage_oidc_clients = "manage_oidc_clients"
     grant_region_authority = "grant_region_authority"
     grant_platform_admin = "grant_platform_admin"
+    order_service = "order_service"
+    view_own_orders = "view_own_orders"
+    manage_facility_orders = "manage_facility_orders"
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,11 @@ PERMISSIONS: dict[Action, Rule] = {
     Action.manage_oidc_clients: Rule(Target.none, _PLATFORM, "Manage OpenID Connect client systems"),
     Action.grant_region_authority: Rule(Target.region, _PLATFORM, "Grant or revoke regional authority"),
     Action.grant_platform_admin: Rule(Target.none, _PLATFORM, "Grant or revoke platform administrator"),
+    Action.order_service: Rule(Target.none, _ANY, "Order a service (testing, R&D, consultation)"),
+    Action.view_own_orders: Rule(Target.none, _ANY, "See, discuss, accept quotes of and rate one's own orders"),
+    Action.manage_facility_orders: Rule(
+        Target.facility, _FAC_STAFF, "Quote, receive samples, deliver results of a facility's orders"
+    ),
 }
 
 # Which action grants (and revokes) each role, and over which kind of scope the role is held.
@@ -133,6 +141,8 @@ SCOPES: dict[str, str] = {
     "catalog:read": N_("Read the catalogue"),
     "bookings:read": N_("Read your bookings"),
     "bookings:write": N_("Make and cancel bookings"),
+    "orders:read": N_("Read your service orders and their results"),
+    "orders:write": N_("Place and move service orders, quote, upload results"),
     "account": N_("Read your account and manage your API tokens"),
     "admin": N_("Administration your roles allow"),
 }
