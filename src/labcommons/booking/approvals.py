@@ -14,10 +14,10 @@ from labcommons.booking.models import Booking, BookingStatus
 from labcommons.booking.policy import facility_ref
 from labcommons.catalog.models import Instrument
 from labcommons.db import utcnow
-from labcommons.errors import Conflict, Forbidden, InvalidInput, NotFound
+from labcommons.errors import Conflict, InvalidInput, NotFound
 from labcommons.identity import roles
 from labcommons.identity.models import Role
-from labcommons.identity.roles import PERMISSIONS, Action
+from labcommons.identity.roles import PERMISSIONS, Action, require_some
 from labcommons.notifications.service import notify
 
 MAX_REASON_LENGTH = 1000
@@ -25,12 +25,6 @@ MAX_REASON_LENGTH = 1000
 
 class BookingNotPending(Conflict):
     code = "booking_not_pending"
-
-
-def require_some(actor: Actor, action: Action) -> None:
-    """Forbidden unless the actor holds a role that allows `action` over some scope (a cheap first gate)."""
-    if not any(g.role in PERMISSIONS[action].roles for g in actor.grants):
-        raise Forbidden(f"You may not do this ({PERMISSIONS[action].description.lower()}).", action=action.value)
 
 
 def facilities_filter(actor: Actor, action: Action) -> ColumnElement[bool]:

@@ -13,7 +13,6 @@ from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from labcommons.actor import Actor
-from labcommons.booking.approvals import require_some
 from labcommons.booking.models import Qualification, QualificationLevel
 from labcommons.booking.policy import category_codes, facility_ref
 from labcommons.catalog.models import Category, Instrument
@@ -22,7 +21,7 @@ from labcommons.errors import Conflict, Forbidden, InvalidInput, NotFound
 from labcommons.identity import roles
 from labcommons.identity import service as identity
 from labcommons.identity.models import User
-from labcommons.identity.roles import Action
+from labcommons.identity.roles import Action, require_some
 
 MAX_NOTE_LENGTH = 1000
 

@@ -329,6 +329,12 @@ def require(
         raise Forbidden(f"You may not do this ({PERMISSIONS[action].description.lower()}).", action=action.value)
 
 
+def require_some(actor: Actor, action: Action) -> None:
+    """Forbidden unless the actor holds a role that allows `action` over some scope (a cheap first gate)."""
+    if not any(g.role in PERMISSIONS[action].roles for g in actor.grants):
+        raise Forbidden(f"You may not do this ({PERMISSIONS[action].description.lower()}).", action=action.value)
+
+
 def is_platform_admin(actor: Actor) -> bool:
     return any(g.role == Role.platform_admin for g in actor.grants)
 

@@ -124,9 +124,12 @@ def get_order(session: Session, actor: Actor, order_id: int, *, staff: bool = Fa
               for_update: bool = False) -> ServiceOrder:
     """An order the actor may see (its user or the facility's staff), with service, facility and user loaded.
 
-    `staff=True` requires the actor to be the facility's staff. Anyone else gets NotFound, as if the order did not
-    exist, so order ids reveal nothing. `for_update` locks the row on PostgreSQL.
+    `staff=True` requires the actor to be the facility's staff: Forbidden for someone who is staff nowhere, else
+    NotFound for anyone not on the order, as if it did not exist, so order ids reveal nothing. `for_update` locks
+    the row on PostgreSQL.
     """
+    if staff:
+        roles.require_some(actor, Action.manage_facility_orders)
     stmt = select(ServiceOrder).where(ServiceOrder.id == order_id).options(
         joinedload(ServiceOrder.service), joinedload(ServiceOrder.facility), joinedload(ServiceOrder.user)
     )
