@@ -44,6 +44,33 @@ def _add_usage_commands() -> None:
 
 _add_usage_commands()
 
+
+def _add_catalogue_commands() -> None:
+    from labcommons.catalog import cli_services
+
+    app.add_typer(cli_services.app, name="services", help="The facilities' services (testing, R&D, consultation).")
+
+
+_add_catalogue_commands()
+
+
+def _add_order_commands() -> None:
+    from labcommons.orders import cli_orders
+
+    app.add_typer(cli_orders.app, name="orders", help="Service orders.")
+
+
+_add_order_commands()
+
+
+def _add_result_commands() -> None:
+    from labcommons.orders import cli_results
+
+    app.add_typer(cli_results.app, name="results", help="Result files of service orders.")
+
+
+_add_result_commands()
+
 _database = database
 _fail = fail
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -67,6 +67,21 @@ class Settings(BaseSettings):
     # Upstream providers: plain-HTTP issuers are allowed only on loopback (demo and tests).
     oidc_http_timeout_seconds: float = 10.0
 
+    # Result files of service orders: "local" keeps them under result_dir, "s3" in an S3-compatible bucket
+    # (needs the optional extra `s3`, i.e. boto3). Uploads are spooled to result_tmp_dir (empty: the system's
+    # temporary directory) while their SHA-256 is computed.
+    result_store: Literal["local", "s3"] = "local"
+    result_dir: str = "./data/results"
+    result_tmp_dir: str = ""
+    result_max_bytes: int = 2 * 1024**3
+    s3_bucket: str = ""
+    # Empty: AWS itself; set it for MinIO, Ceph RGW, or a cloud's S3-compatible service.
+    s3_endpoint_url: str = ""
+    s3_region: str = ""
+    # Empty: boto3's usual credential chain (environment, instance role, ~/.aws).
+    s3_access_key: str = ""
+    s3_secret_key: str = ""
+    s3_prefix: str = ""
 
     @model_validator(mode="before")
     @classmethod

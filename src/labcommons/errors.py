@@ -11,11 +11,13 @@ class DomainError(Exception):
     status_code = 400
     code = "bad_request"
 
-    def __init__(self, message: str, *, field: str | None = None, **details: Any) -> None:
+    def __init__(self, message: str, *, field: str | None = None, code: str | None = None, **details: Any) -> None:
         super().__init__(message)
         self.message = message
         self.field = field
         self.details = details
+        if code:
+            self.code = code  # a more specific rule name than the class's (e.g. already_granted)
 
     def body(self) -> dict[str, Any]:
         return {"error": self.code, "message": self.message, "field": self.field, **self.details}
@@ -33,9 +35,7 @@ class InvalidInput(DomainError):
     code = "invalid_input"
 
     def __init__(self, message: str, *, field: str | None = None, code: str | None = None, **details: Any):
-        super().__init__(message, field=field, **details)
-        if code:
-            self.code = code
+        super().__init__(message, field=field, code=code, **details)
 
 
 class Conflict(DomainError):

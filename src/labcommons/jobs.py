@@ -49,7 +49,7 @@ class _Registered:
 
 _HANDLERS: dict[str, _Registered] = {}
 # Modules whose import registers handlers; loaded before a worker runs so every kind is known.
-HANDLER_MODULES = ("labcommons.notifications.service", "labcommons.booking.sweeps")
+HANDLER_MODULES = ("labcommons.notifications.service", "labcommons.booking.sweeps", "labcommons.orders.notify")
 # Jobs every worker loop makes sure exist once per interval: (kind, seconds). The dedupe key names the interval,
 # so however many workers run, each sweep runs once per interval.
 PERIODIC: tuple[tuple[str, int], ...] = (("booking_sweep", 60),)

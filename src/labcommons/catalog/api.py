@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi.responses import JSONResponse
 from pydantic import AwareDatetime
+from sqlalchemy.orm import Session
 
+from labcommons.actor import Actor
 from labcommons.catalog import service
 from labcommons.catalog.models import InstrumentStatus, ServiceKind
 from labcommons.catalog.schemas import (
@@ -15,12 +18,26 @@ from labcommons.catalog.schemas import (
     InstrumentRead,
     InstrumentSummary,
     Named,
+    ServiceCreate,
+    ServicePage,
     ServiceRead,
+    ServiceSummary,
+    ServiceUpdate,
 )
 from labcommons.db import Database
-from labcommons.http import get_db
+from labcommons.http import get_db, require_scope
+from labcommons.idempotency import Outcome, fingerprint, run_idempotent
 
 router = APIRouter(tags=["catalogue"])
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"description": "No valid API token"},
+    403: {"description": "Your roles or the token's scopes do not allow this"},
+    404: {"description": "Unknown service or facility"},
+    409: {"description": "Conflicts with the current state, e.g. duplicate_code"},
+    422: {"description": "Invalid input; `field` names it and `error` the rule"},
+}
+Admin = Annotated[Actor, Depends(require_scope("admin"))]
 
 
 @router.get("/instruments", response_model=InstrumentPage)
@@ -61,22 +78,88 @@ def get_instrument(instrument_id: int, db: Annotated[Database, Depends(get_db)])
         return InstrumentRead.of(service.get_instrument(session, instrument_id))
 
 
-@router.get("/services", response_model=list[ServiceRead])
-def list_services(
-    db: Annotated[Database, Depends(get_db)], kind: ServiceKind | None = None
-) -> list[ServiceRead]:
-    """The facilities' services (testing, R&D, consultation)."""
+@router.get("/services", response_model=ServicePage, responses=ERRORS)
+def search_services(
+    db: Annotated[Database, Depends(get_db)],
+    q: Annotated[str, Query(max_length=200, description="Keywords in Chinese or English")] = "",
+    kind: ServiceKind | None = None,
+    region: Annotated[str | None, Query(max_length=16)] = None,
+    institution: Annotated[str | None, Query(max_length=40, description="An institution code")] = None,
+    category: Annotated[
+        str | None, Query(max_length=32, description="A taxonomy code; a parent matches its children")
+    ] = None,
+    facility: Annotated[str | None, Query(max_length=40, description="A facility code")] = None,
+    include_inactive: Annotated[bool, Query(description="Also list services no longer offered")] = False,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    cursor: Annotated[str | None, Query(max_length=500)] = None,
+    facets: Annotated[bool, Query(description="Include facet counts (kind, region, institution, category)")] = False,
+) -> ServicePage:
+    """Search the facilities' services (testing, R&D, consultation); prices are integer fen, null = on request."""
+    query = service.ServiceQuery(
+        q=q, kind=kind, region=region, institution=institution, category=category, facility=facility,
+        include_inactive=include_inactive,
+    )
     with db.unit_of_work(write=False) as session:
-        return [
-            ServiceRead(
-                id=s.id, code=s.code, kind=s.kind, name_zh=s.name_zh, name_en=s.name_en,
-                description_zh=s.description_zh, description_en=s.description_en, category=s.category_code,
-                facility=Named(code=s.facility.code, name_zh=s.facility.name_zh, name_en=s.facility.name_en),
-                turnaround_days=s.turnaround_days, list_price_fen=s.list_price_fen,
-            )
-            for s in service.list_services(session)
-            if kind is None or s.kind == kind
-        ]
+        page = service.search_services(session, query, limit=limit, cursor=cursor, with_facets=facets)
+        ids = [s.id for s in page.items]
+        ratings = service.service_ratings(session, ids)
+        schemes = service.service_schemes(session, ids)
+        return ServicePage(
+            items=[ServiceSummary.of(s, schemes=schemes[s.id], rating=ratings.get(s.id)) for s in page.items],
+            next_cursor=page.next_cursor,
+            facets={k: [FacetValueRead.model_validate(v) for v in vs] for k, vs in page.facets.items()}
+            if page.facets is not None else None,
+        )
+
+
+@router.get("/services/{service_id}", response_model=ServiceRead, responses=ERRORS)
+def get_service(service_id: int, db: Annotated[Database, Depends(get_db)]) -> ServiceRead:
+    """One service: prices, turnaround, sample requirements, accreditations, instruments used, rating."""
+    with db.unit_of_work(write=False) as session:
+        return ServiceRead.of_detail(service.get_service(session, service_id))
+
+
+def _json(outcome: Outcome) -> JSONResponse:
+    headers = {"Idempotent-Replayed": "true"} if outcome.replayed else None
+    return JSONResponse(outcome.body, status_code=outcome.status_code, headers=headers)
+
+
+@router.post("/services", status_code=201, response_model=ServiceRead, responses=ERRORS)
+def create_service(
+    body: ServiceCreate,
+    request: Request,
+    actor: Admin,
+    db: Annotated[Database, Depends(get_db)],
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+) -> JSONResponse:
+    """Add a service to a facility the caller manages (edit_facility_catalogue); retries with one
+    Idempotency-Key are safe."""
+
+    def work(session: Session) -> Outcome:
+        facility = service.facility_for_editing(session, actor, body.facility)
+        fields = body.model_dump(exclude={"facility", "code", "accreditations"})
+        created = service.create_service(
+            session, actor, facility.id, code=body.code,
+            accreditations=[a.model_dump() for a in body.accreditations], **fields,
+        )
+        return Outcome(201, ServiceRead.of_detail(service.get_service(session, created.id)).model_dump(mode="json"))
+
+    print_ = fingerprint("POST", request.url.path, body.model_dump(mode="json"))
+    return _json(run_idempotent(db, actor.user_id, idempotency_key, print_, work))
+
+
+@router.patch("/services/{service_id}", response_model=ServiceRead, responses=ERRORS)
+def update_service(
+    service_id: int, body: ServiceUpdate, actor: Admin, db: Annotated[Database, Depends(get_db)]
+) -> ServiceRead:
+    """Change a service; only the fields sent change. Deactivate with is_active false (services are never
+    deleted: orders refer to them)."""
+    fields = body.model_dump(exclude_unset=True, exclude={"accreditations"})
+    if body.accreditations is not None:
+        fields["accreditations"] = [a.model_dump() for a in body.accreditations]
+    with db.unit_of_work() as session:
+        service.update_service(session, actor, service_id, **fields)
+        return ServiceRead.of_detail(service.get_service(session, service_id))
 
 
 @router.get("/categories", response_model=list[Named])

@@ -21,11 +21,12 @@ from labcommons.catalog.models import (
     Instrument,
     InstrumentStatus,
     OpenTo,
+    PriceUnit,
     Region,
     Service,
     ServiceKind,
 )
-from labcommons.catalog.service import place_instrument
+from labcommons.catalog.service import place_instrument, place_service, replace_accreditations, replace_instruments
 from labcommons.db import utcnow
 from labcommons.identity import roles
 from labcommons.identity import service as identity
@@ -95,15 +96,22 @@ def seed_demo(session: Session, *, bookings: int = 300, now: datetime | None = N
         instruments.append(instrument)
     session.flush()
     result.instruments = len(instruments)
+    instrument_ids = {i.code: i.id for i in instruments}
     for s in data["services"]:
-        session.add(
-            Service(
-                code=s["code"], facility_id=facilities[s["facility"]].id, kind=ServiceKind(s["kind"]),
-                name_zh=s["name_zh"], name_en=s["name_en"], description_zh=s["description_zh"],
-                description_en=s["description_en"], category_code=s["category"],
-                turnaround_days=s.get("turnaround_days"), list_price_fen=s.get("list_price_fen"),
-            )
+        svc = Service(
+            code=s["code"], facility_id=facilities[s["facility"]].id, kind=ServiceKind(s["kind"]),
+            name_zh=s["name_zh"], name_en=s["name_en"], description_zh=s["description_zh"],
+            description_en=s["description_en"], category_code=s["category"],
+            turnaround_days=s.get("turnaround_days"), list_price_fen=s.get("list_price_fen"),
+            price_unit=PriceUnit(s.get("price_unit", "sample")),
+            sample_requirements_zh=s.get("sample_requirements_zh", ""),
+            sample_requirements_en=s.get("sample_requirements_en", ""), is_active=s.get("is_active", True),
         )
+        place_service(session, svc, schemes=[])
+        session.add(svc)
+        session.flush()
+        replace_accreditations(session, svc, s.get("accreditations", []))
+        replace_instruments(session, svc, [instrument_ids[code] for code in s.get("instruments", [])])
         result.services += 1
     users: list[User] = []
     for u in data["users"]:

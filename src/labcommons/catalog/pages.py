@@ -1,4 +1,5 @@
-"""Catalogue pages: the search home page and an instrument's page with its week calendar."""
+"""Catalogue pages: the search home page (instruments or services) and an instrument's page with its week
+calendar."""
 
 from __future__ import annotations
 
@@ -12,12 +13,13 @@ from fastapi.responses import HTMLResponse
 from labcommons.booking import policy as booking_policy
 from labcommons.booking import service as booking
 from labcommons.catalog import service
-from labcommons.catalog.models import Instrument, InstrumentStatus, OpenTo
+from labcommons.catalog.models import Instrument, InstrumentStatus, OpenTo, PriceUnit, ServiceKind
 from labcommons.db import Database, utcnow
 from labcommons.errors import InvalidInput
 from labcommons.http import get_db, page_actor
 from labcommons.i18n import gettext_ as _
-from labcommons.pages import is_htmx, parse_local_datetime, render, user_zone
+from labcommons.i18n import ngettext_ as ngettext
+from labcommons.pages import is_htmx, parse_local_datetime, render, user_zone, yuan
 
 router = APIRouter(include_in_schema=False)
 
@@ -47,7 +49,41 @@ def _facet_titles() -> dict[str, str]:
         "institution": _("Institution"),
         "category": _("Category"),
         "status": _("Status"),
+        "kind": _("Type"),
     }
+
+
+def kind_label(kind: ServiceKind | str) -> str:
+    """A search kind (instruments or a service kind) in the current language."""
+    return {
+        "instrument": _("Instruments"),
+        "testing": _("Testing"),
+        "rnd": _("R&D"),
+        "consultation": _("Consultation"),
+    }.get(str(kind), str(kind))
+
+
+def price_text(fen: int | None, unit: PriceUnit | str) -> str:
+    """A service's list price per unit, or "quote on request" when it has none."""
+    if fen is None:
+        return _("Quote on request")
+    per = {"sample": _("per sample"), "project": _("per project"), "hour": _("per hour")}.get(str(unit), "")
+    return f"{yuan(fen)} {per}".strip()
+
+
+def turnaround_text(days: int | None) -> str:
+    """A turnaround in working days, or nothing when the facility gives none."""
+    if days is None:
+        return ""
+    return ngettext("Results in %(num)s day", "Results in %(num)s days", days) % {"num": days}
+
+
+def rating_text(average: float | None, count: int) -> str:
+    """An average score with the number of ratings: ★ 4.5 (12 ratings)."""
+    if average is None or not count:
+        return _("Not rated yet")
+    return ngettext("★ %(avg)s (%(num)s rating)", "★ %(avg)s (%(num)s ratings)", count) % {
+        "avg": f"{average:.1f}", "num": count}
 
 
 def _search_message(exc: InvalidInput) -> str:
@@ -64,6 +100,7 @@ def home(
     request: Request,
     db: Annotated[Database, Depends(get_db)],
     q: str = "",
+    kind: Annotated[str | None, Query(max_length=20)] = None,
     region: Annotated[str | None, Query(max_length=16)] = None,
     institution: Annotated[str | None, Query(max_length=40)] = None,
     category: Annotated[str | None, Query(max_length=32)] = None,
@@ -72,7 +109,16 @@ def home(
     free_to: Annotated[str, Query(max_length=40)] = "",
     cursor: Annotated[str | None, Query(max_length=500)] = None,
 ) -> HTMLResponse:
-    """Search the catalogue; htmx asks for just the results block while the user types."""
+    """Search instruments or, with a service `kind`, services; htmx asks for just the results block while the
+    user types."""
+    service_kind: ServiceKind | None = None
+    if kind:
+        try:
+            service_kind = ServiceKind(kind)
+        except ValueError:
+            kind = None  # an unknown kind (an old link) falls back to instruments
+    if service_kind is not None:
+        return _service_search(request, db, q, service_kind, region, institution, category, cursor)
     errors: list[str] = []
     window: list[datetime | None] = []
     for raw in (free_from, free_to):
@@ -92,22 +138,70 @@ def home(
         status=wanted_status, free_from=window[0], free_to=window[1],
     )
     page = None
+    kind_facet: list[service.FacetValue] = []
     if not errors:
         try:
             with db.unit_of_work(write=False) as session:
                 page = service.search_instruments(
                     session, query, limit=PAGE_SIZE, cursor=cursor or None, with_facets=True
                 )
+                kind_facet = service.service_facet_counts(
+                    session, service.ServiceQuery(q=query.q, region=query.region, institution=query.institution,
+                                                  category=query.category), dims=("kind",),
+                )["kind"]
         except InvalidInput as exc:
             errors.append(_search_message(exc))
     facets = page.facets if page and page.facets else {}
     # The region facet ignores only the region filter, so it also yields the exact total.
     region_counts = {f.value: f.count for f in facets.get("region", [])}
     total = region_counts.get(region, 0) if region else sum(region_counts.values())
+    if page is not None:
+        kind_facet = [service.FacetValue("instrument", "仪器", "Instruments", total), *kind_facet]
     context: dict[str, Any] = dict(
         q=q, query=query, page=page, facets=facets, facet_titles=_facet_titles(), errors=errors, total=total,
         selected={"region": region, "institution": institution, "category": category, "status": status},
-        free_from=free_from, free_to=free_to, cursor=cursor, status_label=status_label,
+        free_from=free_from, free_to=free_to, cursor=cursor, status_label=status_label, kind=None,
+        kind_facet=kind_facet, kind_label=kind_label, dims=["region", "institution", "category", "status"],
+    )
+    code = 422 if errors else 200
+    if is_htmx(request) and request.headers.get("hx-target") == "results":
+        return render(request, "catalog/_results.html", code, **context)
+    return render(request, "catalog/search.html", code, **context)
+
+
+def _service_search(
+    request: Request, db: Database, q: str, kind: ServiceKind, region: str | None, institution: str | None,
+    category: str | None, cursor: str | None,
+) -> HTMLResponse:
+    """The home page listing services of one kind, with the same facets (no status or free window)."""
+    errors: list[str] = []
+    query = service.ServiceQuery(q=q.strip(), kind=kind, region=region or None, institution=institution or None,
+                                 category=category or None)
+    page = None
+    kind_facet: list[service.FacetValue] = []
+    ratings: dict[int, tuple[float, int]] = {}
+    schemes: dict[int, list[str]] = {}
+    try:
+        with db.unit_of_work(write=False) as session:
+            page = service.search_services(session, query, limit=PAGE_SIZE, cursor=cursor or None, with_facets=True)
+            ids = [s.id for s in page.items]
+            ratings = service.service_ratings(session, ids)
+            schemes = service.service_schemes(session, ids)
+            instruments = service.instrument_count(session, service.InstrumentQuery(
+                q=query.q, region=query.region, institution=query.institution, category=query.category))
+            kind_facet = [service.FacetValue("instrument", "仪器", "Instruments", instruments),
+                          *(page.facets or {}).get("kind", [])]
+    except InvalidInput as exc:
+        errors.append(_search_message(exc))
+    facets = page.facets if page and page.facets else {}
+    # The kind facet ignores only the kind filter, so the chosen kind's count is the exact total.
+    total = next((f.count for f in kind_facet if f.value == kind.value), 0)
+    context: dict[str, Any] = dict(
+        q=q, query=query, page=page, facets=facets, facet_titles=_facet_titles(), errors=errors, total=total,
+        selected={"region": region, "institution": institution, "category": category},
+        free_from="", free_to="", cursor=cursor, status_label=status_label, kind=kind.value, kind_facet=kind_facet,
+        kind_label=kind_label, dims=["region", "institution", "category"], ratings=ratings, schemes=schemes,
+        price_text=price_text, turnaround_text=turnaround_text, rating_text=rating_text,
     )
     code = 422 if errors else 200
     if is_htmx(request) and request.headers.get("hx-target") == "results":

@@ -6,9 +6,11 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, datetime
+from typing import Any
+from zoneinfo import ZoneInfo
 
-from sqlalchemy import select, update
+from sqlalchemy import ColumnElement, false, func, or_, select, true, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, joinedload
 
@@ -17,10 +19,43 @@ from labcommons.catalog.models import Facility, Service
 from labcommons.db import utcnow
 from labcommons.errors import Conflict, Forbidden, InvalidInput, NotFound
 from labcommons.identity import roles
+from labcommons.identity.models import Role, User
 from labcommons.identity.roles import Action, FacilityRef
-from labcommons.orders.models import OrderEvent, OrderStatus, ServiceOrder
+from labcommons.orders.models import OrderEvent, OrderMessage, OrderStatus, ResultFile, Sample, ServiceOrder
+from labcommons.pagination import decode_cursor, encode_cursor
 
 S = OrderStatus
+# Facilities work on China Standard Time: "today" for wanted-by dates and quote validity is their day.
+FACILITY_ZONE = ZoneInfo("Asia/Shanghai")
+
+
+def N_(message: str) -> str:
+    """Mark a message for the catalogue; it is translated where shown (pages, mails)."""
+    return message
+
+
+STATUS_LABELS: dict[OrderStatus, str] = {
+    S.draft: N_("Draft"),
+    S.submitted: N_("Submitted"),
+    S.quoted: N_("Quoted"),
+    S.accepted: N_("Accepted"),
+    S.samples_received: N_("Samples received"),
+    S.in_progress: N_("In progress"),
+    S.results_delivered: N_("Results delivered"),
+    S.closed: N_("Closed"),
+    S.rejected: N_("Rejected"),
+    S.cancelled: N_("Cancelled"),
+    S.on_hold: N_("On hold"),
+}
+# The main line of the life cycle, for progress bars; rejected, cancelled and on_hold leave it.
+LIFE_CYCLE: tuple[OrderStatus, ...] = (
+    S.draft, S.submitted, S.quoted, S.accepted, S.samples_received, S.in_progress, S.results_delivered, S.closed,
+)
+
+
+def facility_today(now: datetime | None = None) -> date:
+    """Today's date where the facilities are (Asia/Shanghai)."""
+    return (now or utcnow()).astimezone(FACILITY_ZONE).date()
 
 
 class Party(enum.StrEnum):
@@ -82,9 +117,23 @@ _RESUME = Step(STAFF)
 
 
 class IllegalTransition(Conflict):
-    """The order's status does not allow this step (now); `allowed` lists the steps the caller may take."""
+    """The order's status does not allow this step (now); `allowed` lists the steps the caller may take.
+
+    `code` names a more specific rule (e.g. no_results) where there is one.
+    """
 
     code = "illegal_transition"
+
+    def __init__(self, message: str, *, field: str | None = None, code: str | None = None, **details: Any) -> None:
+        super().__init__(message, field=field, **details)
+        if code:
+            self.code = code
+
+
+class OrderChanged(Conflict):
+    """Another request moved the order first (compare-and-set on its version lost)."""
+
+    code = "order_changed"
 
 
 class NotYourStep(Forbidden):
@@ -202,8 +251,8 @@ def apply_transition(
     """
     version = order.version if expected_version is None else expected_version
     if expected_version is not None and expected_version != order.version:
-        raise Conflict("The order has changed since you looked at it; reload it.", field="expected_version",
-                       code="order_changed", status=order.status.value, version=order.version)
+        raise OrderChanged("The order has changed since you looked at it; reload it.", field="expected_version",
+                           status=order.status.value, version=order.version)
     from_status = order.status
     held_from = order.status if to == S.on_hold else (None if from_status == S.on_hold else order.held_from)
     now = utcnow()
@@ -220,8 +269,7 @@ def apply_transition(
     )
     if result.rowcount != 1:  # type: ignore[attr-defined]
         session.expire(order)
-        raise Conflict("Someone else changed this order at the same moment; reload it.", field="to",
-                       code="order_changed")
+        raise OrderChanged("Someone else changed this order at the same moment; reload it.", field="to")
     event = OrderEvent(order_id=order.id, version=version + 1, from_status=from_status, to_status=to,
                        actor_id=actor_id, at=now, comment=comment)
     try:
@@ -229,10 +277,14 @@ def apply_transition(
             session.add(event)
             session.flush()
     except IntegrityError as exc:
-        raise Conflict("Someone else changed this order at the same moment; reload it.", field="to",
-                       code="order_changed") from exc
+        raise OrderChanged("Someone else changed this order at the same moment; reload it.", field="to") from exc
     session.refresh(order, attribute_names=["status", "version", "held_from", "updated_at", "submitted_at",
                                             "closed_at"])
+    if to in TERMINAL:
+        from labcommons.orders import quotes
+
+        # An offered quote of a cancelled or rejected order can no longer be accepted.
+        quotes.withdraw_offered(session, order)
     from labcommons.orders import notify
 
     notify.order_changed(session, order, event)
@@ -252,7 +304,9 @@ def transition(
     """Move an order to status `to` as `actor`; 409 illegal_transition (with `allowed`) when its status does not
     allow it, 403 not_your_step when the step is the other party's.
 
-    Steps taken through a dedicated action (issuing, accepting or declining a quote) pass that action as `via`.
+    Steps taken through a dedicated action (issuing, accepting or declining a quote) pass that action as `via`;
+    no other step may be taken with a `via`. Submitting a draft of a fixed-price service also quotes it at the list
+    price (orders.quotes.auto_quote), so the order comes back quoted.
     """
     target = _as_status(to)
     order = get_order(session, actor, order_id)
@@ -261,10 +315,12 @@ def transition(
     if step is None or not (step.parties & sides):
         _refuse(order, target, sides, step)
     assert step is not None
-    if step.via is not None and step.via != via:
+    if step.via != via:
+        # Quote steps go through their own actions (which check the quote), and those actions move nothing else.
+        action = (step.via or "transition").replace("_", " ")
         raise IllegalTransition(
-            f"Moving an order to {target.value} is done by the {step.via.replace('_', ' ')} action.", field="to",
-            status=order.status.value, allowed=allowed_transitions(order, sides, include_via=False), via=step.via,
+            f"Moving an order to {target.value} is done by the {action} action.", field="to",
+            status=order.status.value, allowed=allowed_transitions(order, sides), via=step.via,
         )
     comment = (comment or "").strip()
     if len(comment) > 2000:
@@ -272,9 +328,16 @@ def transition(
     if step.needs_comment and not comment:
         raise InvalidInput(f"Say why the order becomes {target.value}; the other side is told.", field="comment",
                            code="comment_required")
-    _check_guards(session, order, target)
+    if not (order.status == S.on_hold and target == order.held_from):  # resuming: it was there already
+        _check_guards(session, order, target)
+    from_status = order.status
     apply_transition(session, order, target, actor_id=actor.user_id, comment=comment,
                      expected_version=expected_version)
+    if from_status == S.draft and target == S.submitted:
+        from labcommons.orders import quotes
+
+        # A fixed-price service is quoted at once, so the user can accept straight away.
+        quotes.auto_quote(session, order)
     return order
 
 
@@ -337,12 +400,15 @@ def create_order(
         raise InvalidInput("The text is too long.", field=field, code="too_long")
     if not 0 <= sample_count <= 10000:
         raise InvalidInput("The number of samples must be 0 to 10000.", field="sample_count", code="out_of_range")
-    if wanted_by is not None and wanted_by < utcnow().date():
+    if len(contact_phone.strip()) > 40:
+        raise InvalidInput("The phone number is too long (40 characters at most).", field="contact_phone",
+                           code="too_long")
+    if wanted_by is not None and wanted_by < facility_today():
         raise InvalidInput("The wanted-by date is in the past.", field="wanted_by", code="date_in_past")
     order = ServiceOrder(
         service_id=service.id, facility_id=service.facility_id, user_id=actor.user_id, status=S.draft, version=1,
         title=title, description=description.strip(), sample_count=sample_count,
-        sample_description=sample_description.strip(), wanted_by=wanted_by, contact_phone=contact_phone.strip()[:40],
+        sample_description=sample_description.strip(), wanted_by=wanted_by, contact_phone=contact_phone.strip(),
     )
     session.add(order)
     session.flush()
@@ -358,3 +424,148 @@ def events_of(session: Session, order: ServiceOrder) -> list[OrderEvent]:
     return list(session.scalars(
         select(OrderEvent).where(OrderEvent.order_id == order.id).order_by(OrderEvent.version)
     ))
+
+
+def orderable_service(session: Session, service_id: int) -> Service:
+    """An active service with its facility, for the order form; NotFound otherwise."""
+    service = session.scalars(
+        select(Service).where(Service.id == service_id).options(joinedload(Service.facility))
+    ).first()
+    if service is None or not service.is_active:
+        raise NotFound(f"Service {service_id} does not exist or is not offered now.", field="service_id")
+    return service
+
+
+def user_names(session: Session, ids: Iterable[int | None]) -> dict[int, str]:
+    """Display names of users by id (for timelines and threads)."""
+    wanted = {i for i in ids if i is not None}
+    if not wanted:
+        return {}
+    return {int(i): str(n) for i, n in session.execute(select(User.id, User.name).where(User.id.in_(wanted)))}
+
+
+def _with_parts(stmt: Any) -> Any:
+    return stmt.options(joinedload(ServiceOrder.service), joinedload(ServiceOrder.facility),
+                        joinedload(ServiceOrder.user))
+
+
+def _page(session: Session, stmt: Any, limit: int, cursor: str | None) -> tuple[list[ServiceOrder], str | None]:
+    """Newest first by id, keyset-paged (ids only grow, so the order is creation order)."""
+    if cursor:
+        (last_id,) = decode_cursor(cursor, 1)
+        if not isinstance(last_id, int):
+            raise InvalidInput("The cursor is not valid.", field="cursor", code="invalid_cursor")
+        stmt = stmt.where(ServiceOrder.id < last_id)
+    rows = list(session.scalars(_with_parts(stmt).order_by(ServiceOrder.id.desc()).limit(limit + 1)).unique())
+    if len(rows) > limit:
+        rows = rows[:limit]
+        return rows, encode_cursor([rows[-1].id])
+    return rows, None
+
+
+def list_my_orders(session: Session, actor: Actor, *, status: OrderStatus | None = None, limit: int = 50,
+                   cursor: str | None = None) -> tuple[list[ServiceOrder], str | None]:
+    """The actor's own orders, newest first, one page and the cursor of the next."""
+    roles.require(actor, Action.view_own_orders)
+    stmt = select(ServiceOrder).where(ServiceOrder.user_id == actor.user_id)
+    if status is not None:
+        stmt = stmt.where(ServiceOrder.status == status)
+    return _page(session, stmt, limit, cursor)
+
+
+def staff_scope(actor: Actor) -> ColumnElement[bool]:
+    """A filter on ServiceOrder: the orders of the facilities whose orders the actor works."""
+    if roles.is_platform_admin(actor):
+        return true()
+    facility_roles = {Role.facility_staff.value, Role.facility_manager.value}
+    facility_ids = {g.facility_id for g in actor.grants if g.role in facility_roles and g.facility_id}
+    institution_ids = {g.institution_id for g in actor.grants
+                       if g.role == Role.institution_admin.value and g.institution_id}
+    clauses: list[ColumnElement[bool]] = []
+    if facility_ids:
+        clauses.append(ServiceOrder.facility_id.in_(facility_ids))
+    if institution_ids:
+        clauses.append(ServiceOrder.facility_id.in_(
+            select(Facility.id).where(Facility.institution_id.in_(institution_ids))
+        ))
+    return or_(*clauses) if clauses else false()
+
+
+def _queue_filter(session: Session, actor: Actor, facility: str | None) -> list[ColumnElement[bool]]:
+    roles.require_some(actor, Action.manage_facility_orders)
+    # Drafts are the user's own until submitted.
+    where = [staff_scope(actor), ServiceOrder.status != S.draft]
+    if facility:
+        facility_id = session.scalar(select(Facility.id).where(Facility.code == facility.strip()))
+        if facility_id is None:
+            raise NotFound(f"No facility {facility!r}.", field="facility")
+        where.append(ServiceOrder.facility_id == facility_id)
+    return where
+
+
+def staff_queue(session: Session, actor: Actor, *, status: OrderStatus | None = None, facility: str | None = None,
+                limit: int = 50, cursor: str | None = None) -> tuple[list[ServiceOrder], str | None]:
+    """Submitted orders of the facilities the actor works for (optionally one facility, by code), newest first."""
+    stmt = select(ServiceOrder).where(*_queue_filter(session, actor, facility))
+    if status is not None:
+        stmt = stmt.where(ServiceOrder.status == status)
+    return _page(session, stmt, limit, cursor)
+
+
+def queue_counts(session: Session, actor: Actor, *, facility: str | None = None) -> dict[str, int]:
+    """How many orders of the actor's queue are in each status (every status, zeros included; no drafts)."""
+    rows = session.execute(
+        select(ServiceOrder.status, func.count()).where(*_queue_filter(session, actor, facility))
+        .group_by(ServiceOrder.status)
+    )
+    found = {OrderStatus(status).value: int(count) for status, count in rows}
+    return {s.value: found.get(s.value, 0) for s in OrderStatus if s != S.draft}
+
+
+# --- for the operator (command line): no permission checks --------------------------------------------------
+
+
+def find_orders(session: Session, *, facility: str | None = None, status: OrderStatus | None = None,
+                limit: int = 200) -> list[ServiceOrder]:
+    """Orders of every facility (or one, by code), newest first; for the command line."""
+    stmt = select(ServiceOrder)
+    if facility:
+        facility_id = session.scalar(select(Facility.id).where(Facility.code == facility.strip()))
+        if facility_id is None:
+            raise NotFound(f"No facility {facility!r}.", field="facility")
+        stmt = stmt.where(ServiceOrder.facility_id == facility_id)
+    if status is not None:
+        stmt = stmt.where(ServiceOrder.status == status)
+    return list(session.scalars(_with_parts(stmt).order_by(ServiceOrder.id.desc()).limit(limit)).unique())
+
+
+def order_by_number(session: Session, number: str) -> ServiceOrder:
+    """One order by its number (e.g. SO-2026-000042), with service, facility and user; for the command line."""
+    order = session.scalars(_with_parts(select(ServiceOrder).where(ServiceOrder.number == number.strip().upper()))
+                            ).unique().first()
+    if order is None:
+        raise NotFound(f"No order {number!r}.", field="number")
+    return order
+
+
+@dataclass(frozen=True)
+class Counts:
+    samples: int
+    results: int
+    messages: int
+
+
+# Results become the user's to download once delivered (see orders.results).
+_DELIVERED = frozenset({S.results_delivered, S.closed})
+
+
+def counts_of(session: Session, order: ServiceOrder, sides: Iterable[Party]) -> Counts:
+    """How many samples, result files (those the holder of `sides` may download) and messages the order has."""
+    def count(model: Any, *where: Any) -> int:
+        return int(session.scalar(select(func.count()).select_from(model).where(*where)) or 0)
+
+    results = 0
+    if Party.staff in frozenset(sides) or order.status in _DELIVERED:
+        results = count(ResultFile, ResultFile.order_id == order.id, ResultFile.withdrawn_at.is_(None))
+    return Counts(samples=count(Sample, Sample.order_id == order.id), results=results,
+                  messages=count(OrderMessage, OrderMessage.order_id == order.id))
