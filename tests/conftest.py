@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,8 @@ from tests.factories import World, build_world
 # Cheap password hashing in tests; must be set before the settings are first read.
 os.environ.setdefault("LABCOMMONS_ARGON2_TIME_COST", "1")
 os.environ.setdefault("LABCOMMONS_ARGON2_MEMORY_KIB", "1024")
+# Result files that a test stores without choosing a place land here, never in the working tree's ./data.
+os.environ.setdefault("LABCOMMONS_RESULT_DIR", tempfile.mkdtemp(prefix="labcommons-test-results-"))
 
 POSTGRES_ADMIN_URL = os.environ.get(
     "LABCOMMONS_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"

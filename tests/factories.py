@@ -20,6 +20,7 @@ from labcommons.catalog.models import (
 )
 from labcommons.catalog.service import place_instrument
 from labcommons.db import Database
+from labcommons.identity import roles
 from labcommons.identity import service as identity
 
 
@@ -42,6 +43,23 @@ class World:
 
     def headers(self, user: str, **extra: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.tokens[user]}", **extra}
+
+
+def actor_of(world: World, name: str) -> Actor:
+    """A user as an actor with the grants they hold now."""
+    with world.db.unit_of_work(write=False) as s:
+        user = identity.find_user(s, f"{name}@example.org")
+        return identity.actor_for(user, grants=roles.grants_of(s, user.id))
+
+
+def grant(world: World, name: str, role: str = "facility_staff", facility: str = "CQ-LAB") -> Actor:
+    """`name` given `role` over `facility` (once, however often asked), as an Actor carrying the grants."""
+    with world.db.unit_of_work() as s:
+        user = identity.find_user(s, f"{name}@example.org")
+        held = {(g.role, g.facility_id) for g in roles.grants_of(s, user.id)}
+        if (role, world.facilities[facility]) not in held:
+            roles.grant_role(s, None, user, role, facility_id=world.facilities[facility])
+    return actor_of(world, name)
 
 
 def add_instrument(session: Session, facility_id: int, code: str, **fields: Any) -> Instrument:

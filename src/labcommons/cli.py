@@ -111,9 +111,12 @@ def seed_demo(bookings: int = 300) -> None:
         else:
             seeded = demo.seed_demo(session, bookings=bookings)
             logins = seeded.users
+            from labcommons.orders.demo import seed_orders
+
+            orders = seed_orders(session)
             console.print(
                 f"loaded {seeded.instruments} instruments, {seeded.services} services, "
-                f"{seeded.bookings} bookings"
+                f"{seeded.bookings} bookings, {orders} service orders"
             )
     console.print("[bold]Demo users[/bold] (sign in at /login with the password, or send the API token as "
                   "'Authorization: Bearer <token>'):")

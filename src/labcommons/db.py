@@ -24,6 +24,11 @@ NAMING_CONVENTION = {
 }
 
 
+# Ids are 32-bit integers on PostgreSQL: a larger one given as input is refused before it reaches a query, where
+# it would fail as "integer out of range" instead of matching nothing.
+MAX_ID = 2**31 - 1
+
+
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 

@@ -6,19 +6,24 @@ import logging
 from collections.abc import Callable
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DataError, OperationalError
+from sqlalchemy.orm import Session
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from labcommons.actor import Actor
 from labcommons.config import get_settings
-from labcommons.db import Database
+from labcommons.db import MAX_ID, Database
 from labcommons.errors import DomainError, Forbidden, Unauthenticated
+from labcommons.idempotency import Outcome, fingerprint, run_idempotent
 from labcommons.identity import service as identity
 
 log = logging.getLogger("labcommons")
+
+# A row id in a path: one beyond the id range is a 422 naming the parameter (see db.MAX_ID).
+Id = Annotated[int, Path(le=MAX_ID)]
 
 
 def get_db(request: Request) -> Database:
@@ -82,6 +87,16 @@ def require_scope(scope: str) -> Callable[..., Actor]:
     return dependency
 
 
+def idempotent_post(request: Request, db: Database, actor: Actor, key: str | None, payload: Any,
+                    work: Callable[[Session], Outcome]) -> JSONResponse:
+    """Run a POST's `work` at most once per Idempotency-Key (see idempotency.run_idempotent) and answer with its
+    outcome; `payload` is what the request asks for, beside its path. A replayed answer says so in a header."""
+    print_ = fingerprint("POST", request.url.path, payload)
+    outcome = run_idempotent(db, actor.user_id, key, print_, work)
+    headers = {"Idempotent-Replayed": "true"} if outcome.replayed else None
+    return JSONResponse(outcome.body, status_code=outcome.status_code, headers=headers)
+
+
 SESSION_COOKIE = "labcommons_session"
 
 
@@ -100,7 +115,10 @@ def page_actor(request: Request) -> Actor | None:
 
 
 def _field_of(loc: tuple[Any, ...] | list[Any]) -> str | None:
-    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header", "cookie")]
+    # Only the first part says where the input came from: a field may itself be called "body" (a message's text).
+    parts = [str(p) for p in loc]
+    if parts and parts[0] in ("body", "query", "path", "header", "cookie"):
+        parts = parts[1:]
     return ".".join(parts) or None
 
 
@@ -155,6 +173,22 @@ def install_error_handlers(app: FastAPI) -> None:
             {"error": codes.get(exc.status_code, "http_error"), "message": str(exc.detail), "field": None},
             status_code=exc.status_code, headers=getattr(exc, "headers", None),
         )
+
+    @app.exception_handler(DataError)
+    async def _data(request: Request, exc: DataError) -> Response:
+        # PostgreSQL cannot store the NUL character in text (SQLite can); psycopg refuses it before sending. Text
+        # carrying one is the caller's invalid input, wherever it came in, not our 500.
+        if "NUL (0x00)" not in str(exc.orig):
+            return await _unexpected(request, exc)
+        message = "Text may not contain the NUL character."
+        if not _wants_json(request):
+            from labcommons.pages import render_error
+
+            return render_error(request, 422, message)
+        # A query or path parameter can be named; which field of a body carried it is no longer known here.
+        given = [*request.query_params.multi_items(), *request.path_params.items()]
+        field = next((name for name, value in given if "\x00" in str(value)), None)
+        return JSONResponse({"error": "invalid_text", "message": message, "field": field}, status_code=422)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:

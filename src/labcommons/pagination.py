@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 from typing import Any
 
+from labcommons.db import MAX_ID
 from labcommons.errors import InvalidInput
 
 
@@ -25,3 +27,17 @@ def decode_cursor(cursor: str, length: int) -> list[Any]:
     if not isinstance(values, list) or len(values) != length:
         raise InvalidInput("The cursor is not valid.", field="cursor", code="invalid_cursor")
     return values
+
+
+def decode_keyset(cursor: str, *, ranked: bool = False) -> tuple[float | None, int]:
+    """The (rank, id) of the last row in the cursor of a list ordered by id, after a rank when `ranked` (None
+    otherwise). The values go into SQL comparisons, so a cursor carrying other types is a 422 on `cursor` too."""
+    values = decode_cursor(cursor, 2 if ranked else 1)
+    rank, last_id = values if ranked else (None, values[0])
+    if isinstance(last_id, bool) or not isinstance(last_id, int) or not 0 <= last_id <= MAX_ID:
+        raise InvalidInput("The cursor is not valid.", field="cursor", code="invalid_cursor")
+    if not ranked:
+        return None, last_id
+    if isinstance(rank, bool) or not isinstance(rank, int | float) or not math.isfinite(rank):
+        raise InvalidInput("The cursor is not valid.", field="cursor", code="invalid_cursor")
+    return float(rank), last_id

@@ -9,14 +9,12 @@ import pytest
 from sqlalchemy import update
 
 from labcommons.catalog.models import Instrument, InstrumentStatus
-from tests.api_client import client_for
+from tests.api_client import client_for, codes_by_pages, item_codes
 from tests.factories import World, add_instrument, next_grid_day
 
 
 def codes(world: World, **params: Any) -> list[str]:
-    r = client_for(world.db).get("/api/v1/instruments", params=params)
-    assert r.status_code == 200, r.text
-    return [i["code"] for i in r.json()["items"]]
+    return item_codes(world.db, "/api/v1/instruments", **params)
 
 
 @pytest.mark.parametrize(
@@ -108,21 +106,8 @@ def test_cursor_pagination_visits_every_match_once(world: World, q: str) -> None
         for i in range(23):
             add_instrument(s, world.facilities["SC-UNI"], f"SC-X{i:02d}", name_zh=f"分析仪 {i}",
                            name_en=f"Analyser instrument {i}", category_code="ANA.SPEC")
-    client = client_for(world.db)
     everything = set(codes(world, q=q, limit=100))
-    seen: list[str] = []
-    cursor = None
-    for _page in range(20):  # bounded: a cursor that fails to advance must fail the test, not hang it
-        params: dict[str, Any] = {"q": q, "limit": 5}
-        if cursor:
-            params["cursor"] = cursor
-        page = client.get("/api/v1/instruments", params=params).json()
-        seen += [i["code"] for i in page["items"]]
-        cursor = page["next_cursor"]
-        if not cursor:
-            break
-    else:
-        pytest.fail(f"pagination did not end; saw {len(seen)} items")
+    seen = codes_by_pages(world.db, "/api/v1/instruments", limit=5, q=q)
     assert len(seen) == len(set(seen)) == len(everything) and set(seen) == everything
     assert len(everything) >= 23
 

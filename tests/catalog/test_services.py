@@ -12,7 +12,6 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 from typer.testing import CliRunner
 
-from labcommons.actor import Actor
 from labcommons.catalog import service as catalog
 from labcommons.catalog.models import (
     PriceUnit,
@@ -27,8 +26,9 @@ from labcommons.errors import Conflict, Forbidden, InvalidInput, NotFound
 from labcommons.identity import roles
 from labcommons.identity import service as identity
 from labcommons.orders.models import OrderRating, OrderStatus, ServiceOrder
-from tests.api_client import client_for
-from tests.factories import World
+from labcommons.pagination import encode_cursor
+from tests.api_client import client_for, codes_by_pages, item_codes
+from tests.factories import World, grant
 
 # --- shared helpers (also used by tests/web/test_service_pages.py) -------------------------------------------
 
@@ -91,20 +91,6 @@ def build_services(world: World) -> dict[str, int]:
     return ids
 
 
-def actor_of(world: World, name: str) -> Actor:
-    """A user as an actor with the grants they hold now."""
-    with world.db.unit_of_work(write=False) as s:
-        user = identity.find_user(s, f"{name}@example.org")
-        return identity.actor_for(user, grants=roles.grants_of(s, user.id))
-
-
-def grant(world: World, name: str, role: str, facility: str) -> Actor:
-    with world.db.unit_of_work() as s:
-        roles.grant_role(s, None, identity.find_user(s, f"{name}@example.org"), role,
-                         facility_id=world.facilities[facility])
-    return actor_of(world, name)
-
-
 def rate(world: World, service_id: int, scores: list[tuple[int, str]], user: str = "bob") -> None:
     """Closed orders of a service with these ratings (score, comment)."""
     with world.db.unit_of_work() as s:
@@ -126,9 +112,7 @@ def services(world: World) -> dict[str, int]:
 
 
 def codes(world: World, **params: Any) -> list[str]:
-    r = client_for(world.db).get("/api/v1/services", params=params)
-    assert r.status_code == 200, r.text
-    return [i["code"] for i in r.json()["items"]]
+    return item_codes(world.db, "/api/v1/services", **params)
 
 
 # --- search --------------------------------------------------------------------------------------------------
@@ -198,23 +182,31 @@ def test_cursor_pagination_visits_every_match_once(world: World, services: dict[
         for i in range(13):
             add_service(s, world.facilities["SC-UNI"], f"SC-X{i:02d}", name_zh=f"批量检测服务 {i}",
                         name_en=f"Batch assay {i}", category_code="ANA.SPEC")
-    client = client_for(world.db)
     everything = set(codes(world, q=q, limit=100))
     assert len(everything) >= 13
-    seen: list[str] = []
-    cursor = None
-    for _page in range(20):  # bounded: a cursor that fails to advance must fail the test, not hang it
-        params: dict[str, Any] = {"q": q, "limit": 4}
-        if cursor:
-            params["cursor"] = cursor
-        page = client.get("/api/v1/services", params=params).json()
-        seen += [i["code"] for i in page["items"]]
-        cursor = page["next_cursor"]
-        if not cursor:
-            break
+    seen = codes_by_pages(world.db, "/api/v1/services", limit=4, q=q)
     assert sorted(seen) == sorted(everything) and len(seen) == len(set(seen))
-    bad = client.get("/api/v1/services", params={"cursor": "nonsense"})
+    bad = client_for(world.db).get("/api/v1/services", params={"cursor": "nonsense"})
     assert bad.status_code == 422 and bad.json()["field"] == "cursor"
+
+
+@pytest.mark.parametrize("param", ["region", "institution", "category", "facility"])
+def test_a_nul_character_in_a_filter_is_a_422_naming_it(world: World, param: str) -> None:
+    answer = client_for(world.db).get("/api/v1/services", params={param: "CQ\x00", "facets": "true"})
+    if world.db.is_sqlite:  # SQLite compares such text like any other; PostgreSQL refuses it, which was a 500
+        assert answer.status_code == 200 and answer.json()["items"] == []
+    else:
+        assert answer.status_code == 422 and answer.json()["field"] == param, answer.text
+
+
+# A cursor's values go into SQL comparisons: other types than the ones we write (or an id beyond the id range)
+# were 500s on PostgreSQL, for instruments as for services.
+@pytest.mark.parametrize("values", [["x"], [[1]], [True], [2**31], [None, 1], [1.5, "x"], ["x", 1], [True, 1]])
+@pytest.mark.parametrize(("path", "q"), [("/api/v1/services", ""), ("/api/v1/services", "服务"),
+                                         ("/api/v1/instruments", ""), ("/api/v1/instruments", "测序")])
+def test_cursors_with_other_values_than_ours_are_a_422(world: World, path: str, q: str, values: list[Any]) -> None:
+    answer = client_for(world.db).get(path, params={"q": q, "cursor": encode_cursor(values)})
+    assert answer.status_code == 422 and answer.json()["field"] == "cursor", answer.text
 
 
 def test_list_items_carry_prices_badges_and_ratings(world: World, services: dict[str, int]) -> None:
@@ -348,6 +340,7 @@ def test_who_may_write(world: World, services: dict[str, int]) -> None:
         ({"accreditations": [{"scheme": "C M A"}]}, "accreditations", 422),
         ({"colour": "red"}, "colour", 422),
         ({"kind": None}, "kind", 422),
+        ({"instrument_ids": [2**31]}, "instrument_ids.0", 422),  # beyond the id range: was a 500 on PostgreSQL
     ],
 )
 def test_invalid_creations_name_the_field_and_change_nothing(
@@ -370,6 +363,7 @@ def test_invalid_updates_name_the_field_and_change_nothing(world: World, service
     for change, field in [
         ({"name_en": "Renamed", "instrument_ids": [world.instruments["SC-MS"]]}, "instrument_ids"),
         ({"name_en": "Renamed", "instrument_ids": [99999]}, "instrument_ids"),
+        ({"name_en": "Renamed", "instrument_ids": [2**31]}, "instrument_ids.0"),
         ({"name_en": "Renamed", "category_code": "NOPE"}, "category_code"),
         ({"name_en": "Renamed", "price_unit": None}, "price_unit"),
         ({"code": "OTHER"}, "code"),
@@ -400,6 +394,9 @@ def test_service_layer_rules(world: World, services: dict[str, int]) -> None:
         with pytest.raises(InvalidInput) as bad:
             catalog.set_instruments(s, manager, svc.id, [world.instruments["SC-MS"]])
         assert bad.value.code == "instrument_of_another_facility"
+        with pytest.raises(InvalidInput) as beyond:  # beyond the id range: no instrument (was a 500 on PostgreSQL)
+            catalog.set_instruments(s, manager, svc.id, [2**31])
+        assert beyond.value.code == "unknown_instrument"
         with pytest.raises(Forbidden):
             catalog.set_accreditations(s, manager, services["SC-NMR"], [])
         with pytest.raises(Forbidden):

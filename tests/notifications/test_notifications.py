@@ -183,7 +183,7 @@ def test_a_booking_within_24_hours_gets_no_reminder(world: World) -> None:
 
 
 @pytest.mark.parametrize("locale", ["zh_CN", "en"])
-@pytest.mark.parametrize("event", notifications.EVENTS)
+@pytest.mark.parametrize("event", notifications.BOOKING_EVENTS)
 def test_every_event_has_a_mail_in_both_languages(event: str, locale: str) -> None:
     context = dict(name="Alice", instrument="X", code="CQ-X", starts="2030-01-02 09:00", ends="2030-01-02 11:00",
                    timezone="Asia/Shanghai", booking_id=7, bookings_url="http://h/bookings", reason="laser service",

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
+import threading
 import uuid
+from collections.abc import Callable
 from datetime import date
 
 from sqlalchemy import select
 
-from labcommons.actor import Actor
 from labcommons.catalog.models import Facility, PriceUnit, Service, ServiceKind
-from labcommons.identity import roles
-from labcommons.identity import service as identity
 from labcommons.orders import service
 from labcommons.orders.models import (
     OrderEvent,
@@ -54,17 +53,6 @@ def add_service(world: World, facility: str = "CQ-LAB", *, price_fen: int | None
         s.add(svc)
         s.flush()
         return svc.id
-
-
-def grant(world: World, name: str, role: str = "facility_staff", facility: str = "CQ-LAB") -> Actor:
-    """`name` given `role` over `facility`, as an Actor carrying the grants."""
-    with world.db.unit_of_work() as s:
-        user = identity.find_user(s, f"{name}@example.org")
-        held = {(g.role, g.facility_id) for g in roles.grants_of(s, user.id)}
-        if (role, world.facilities[facility]) not in held:
-            roles.grant_role(s, None, user, role, facility_id=world.facilities[facility])
-        s.flush()
-        return identity.actor_for(user, grants=roles.grants_of(s, user.id))
 
 
 def new_order(world: World, service_id: int, customer: str = "bob", *, submit: bool = False,
@@ -115,6 +103,27 @@ def add_result_file(world: World, order_id: int) -> None:
     with world.db.unit_of_work() as s:
         s.add(ResultFile(order_id=order_id, filename="report.pdf", size_bytes=10, sha256="0" * 64,
                          storage_key=f"test/{uuid.uuid4().hex}"))
+
+
+def at_once(*calls: Callable[[], object]) -> list[object]:
+    """Run the calls at the same moment, each in its own thread (so with its own session); what each returned, or
+    the exception it raised."""
+    start = threading.Barrier(len(calls))
+    results: list[object] = [None] * len(calls)
+
+    def run(i: int) -> None:
+        start.wait(timeout=10)
+        try:
+            results[i] = calls[i]()
+        except Exception as exc:  # the test looks at what each call raised
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    return results
 
 
 def far_day() -> date:

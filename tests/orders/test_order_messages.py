@@ -11,8 +11,8 @@ from labcommons.errors import DomainError, InvalidInput, NotFound
 from labcommons.notifications.models import Job
 from labcommons.orders import messages, ratings
 from labcommons.orders.models import OrderStatus
-from tests.factories import World
-from tests.orders.order_support import add_service, grant, new_order, walk_to
+from tests.factories import World, grant
+from tests.orders.order_support import add_service, new_order, walk_to
 
 S = OrderStatus
 

@@ -16,8 +16,8 @@ from labcommons.identity.models import User
 from labcommons.notifications.models import Job, NotificationPreference
 from labcommons.orders import messages, notify, quotes, service
 from labcommons.orders.models import OrderEvent, OrderStatus, ServiceOrder
-from tests.factories import World
-from tests.orders.order_support import add_service, far_day, grant, new_order
+from tests.factories import World, grant
+from tests.orders.order_support import add_service, far_day, new_order
 from tests.test_mail import SmtpSink, smtp_backend
 
 S = OrderStatus

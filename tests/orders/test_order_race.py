@@ -6,16 +6,16 @@ from __future__ import annotations
 import contextlib
 import itertools
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 
-from labcommons.db import Database
+from labcommons.actor import Actor
 from labcommons.errors import DomainError
 from labcommons.orders import quotes, service
 from labcommons.orders.models import OrderStatus, QuoteStatus
-from tests.factories import World
-from tests.orders.order_support import add_service, events_of, far_day, grant, new_order, status_of
+from tests.factories import World, grant
+from tests.orders.order_support import add_service, at_once, events_of, far_day, new_order, status_of
 
 S = OrderStatus
 ROUNDS = 15
@@ -28,38 +28,32 @@ def pg_world(world: World) -> World:
     return world
 
 
-def race(db: Database, *work: Callable[[], None]) -> list[str]:
+def race(*work: Callable[[], None]) -> list[str]:
     """Run each piece of work in its own thread at the same moment; "ok" or the error code of each."""
-    start = threading.Barrier(len(work))
-    outcomes: list[str] = [""] * len(work)
 
-    def run(i: int, fn: Callable[[], None]) -> None:
-        start.wait(timeout=10)
-        try:
-            fn()
-            outcomes[i] = "ok"
-        except DomainError as exc:
-            outcomes[i] = f"{exc.status_code}:{exc.code}"
-        except Exception as exc:  # an unmapped database error would be a 500: the test must see it
-            outcomes[i] = f"crash:{type(exc).__name__}:{exc}"
+    def outcome(result: object) -> str:
+        if isinstance(result, DomainError):
+            return f"{result.status_code}:{result.code}"
+        if isinstance(result, Exception):  # an unmapped database error would be a 500: the test must see it
+            return f"crash:{type(result).__name__}:{result}"
+        return "ok"
 
-    threads = [threading.Thread(target=run, args=(i, fn)) for i, fn in enumerate(work)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=30)
-    return outcomes
+    return [outcome(r) for r in at_once(*work)]
 
 
-def both_read_first(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Make both transactions read the order before either writes (the interleaving that matters)."""
+def both_read_first(monkeypatch: pytest.MonkeyPatch, *racing: OrderStatus) -> None:
+    """Make both transactions moving an order to one of the `racing` statuses read it before either writes (the
+    interleaving that matters)."""
     gate = threading.Barrier(2)
     original = service._check_guards
 
-    def wait_then_check(session: object, order: object, to: object) -> None:
+    def wait_then_check(session: object, order: object, to: OrderStatus) -> None:
+        # Only the racing steps wait: a lone submission waiting here (new_order's) broke the barrier for good, after
+        # which nothing was interleaved and a thread could find the order already moved (illegal_transition).
         # If the other thread was refused earlier there is nothing to wait for.
-        with contextlib.suppress(threading.BrokenBarrierError):
-            gate.wait(timeout=2)
+        if to in racing:
+            with contextlib.suppress(threading.BrokenBarrierError):
+                gate.wait(timeout=2)
         original(session, order, to)  # type: ignore[arg-type]
 
     monkeypatch.setattr(service, "_check_guards", wait_then_check)
@@ -75,7 +69,7 @@ def assert_no_gap(world: World, order_id: int) -> list[OrderStatus]:
 
 def test_cancel_by_the_user_races_reject_by_staff(pg_world: World, monkeypatch: pytest.MonkeyPatch) -> None:
     world = pg_world
-    both_read_first(monkeypatch)
+    both_read_first(monkeypatch, S.cancelled, S.rejected)
     service_id = add_service(world)
     bob, alice = world.actors["bob"], grant(world, "alice")
     for _round in range(ROUNDS):
@@ -89,17 +83,16 @@ def test_cancel_by_the_user_races_reject_by_staff(pg_world: World, monkeypatch: 
             with world.db.unit_of_work() as s:
                 service.transition(s, alice, order_id, S.rejected, comment="out of scope")
 
-        outcomes = race(world.db, cancel, reject)
+        outcomes = race(cancel, reject)
         assert sorted(outcomes) == ["409:order_changed", "ok"], outcomes
         final = S.cancelled if outcomes[0] == "ok" else S.rejected
         assert status_of(world, order_id) == final
         assert assert_no_gap(world, order_id) == [S.draft, S.submitted, final]
 
 
-def test_two_accepts_of_one_quote_record_one(pg_world: World) -> None:
-    world = pg_world
+def quoted_orders(world: World, alice: Actor) -> Iterator[tuple[int, Callable[[], None]]]:
+    """ROUNDS orders of bob's, each quoted by alice, with the call by which bob accepts the quote."""
     service_id = add_service(world)
-    bob, alice = world.actors["bob"], grant(world, "alice")
     for _round in range(ROUNDS):
         order_id = new_order(world, service_id, submit=True)
         with world.db.unit_of_work() as s:
@@ -107,9 +100,16 @@ def test_two_accepts_of_one_quote_record_one(pg_world: World) -> None:
 
         def accept(order_id: int = order_id, quote_id: int = quote_id) -> None:
             with world.db.unit_of_work() as s:
-                quotes.accept_quote(s, bob, order_id, quote_id)
+                quotes.accept_quote(s, world.actors["bob"], order_id, quote_id)
 
-        outcomes = race(world.db, accept, accept)
+        yield order_id, accept
+
+
+def test_two_accepts_of_one_quote_record_one(pg_world: World) -> None:
+    world = pg_world
+    bob, alice = world.actors["bob"], grant(world, "alice")
+    for order_id, accept in quoted_orders(world, alice):
+        outcomes = race(accept, accept)
         assert outcomes.count("ok") == 1, outcomes
         assert next(o for o in outcomes if o != "ok").startswith("409:"), outcomes
         assert status_of(world, order_id) == S.accepted
@@ -121,22 +121,14 @@ def test_two_accepts_of_one_quote_record_one(pg_world: World) -> None:
 
 def test_accept_races_a_new_quote_version(pg_world: World) -> None:
     world = pg_world
-    service_id = add_service(world)
     bob, alice = world.actors["bob"], grant(world, "alice")
-    for _round in range(ROUNDS):
-        order_id = new_order(world, service_id, submit=True)
-        with world.db.unit_of_work() as s:
-            quote_id = quotes.issue_quote(s, alice, order_id, [("Library prep", 2, 50000)], far_day()).id
-
-        def accept(order_id: int = order_id, quote_id: int = quote_id) -> None:
-            with world.db.unit_of_work() as s:
-                quotes.accept_quote(s, bob, order_id, quote_id)
+    for order_id, accept in quoted_orders(world, alice):
 
         def requote(order_id: int = order_id) -> None:
             with world.db.unit_of_work() as s:
                 quotes.issue_quote(s, alice, order_id, [("Library prep", 2, 40000)], far_day())
 
-        outcomes = race(world.db, accept, requote)
+        outcomes = race(accept, requote)
         assert outcomes.count("ok") == 1 and all(o == "ok" or o.startswith("409:") for o in outcomes), outcomes
         with world.db.unit_of_work(write=False) as s:
             states = sorted((q.version, q.status) for q in quotes.list_quotes(s, bob, order_id))

@@ -14,8 +14,8 @@ from labcommons.errors import DomainError, Forbidden, InvalidInput, NotFound
 from labcommons.orders import quotes, service
 from labcommons.orders.models import OrderStatus, Quote, QuoteLine, QuoteStatus
 from labcommons.orders.quotes import LineIn
-from tests.factories import World
-from tests.orders.order_support import add_service, events_of, far_day, grant, new_order, status_of
+from tests.factories import World, grant
+from tests.orders.order_support import add_service, events_of, far_day, new_order, status_of
 
 S = OrderStatus
 

@@ -19,8 +19,8 @@ from labcommons.orders import results
 from labcommons.orders.models import OrderStatus
 from labcommons.orders.storage import ObjectMissing, S3Store, get_store
 from tests.api_client import client_for
-from tests.factories import World
-from tests.orders.test_results import UNICODE_NAME, grant_staff, make_order, move, payload
+from tests.factories import World, grant
+from tests.orders.test_results import UNICODE_NAME, make_order, move, payload
 
 MiB = 1024 * 1024
 KEYS = {"access_key": "labcommons-test", "secret_key": "labcommons-test-secret", "region": "us-east-1"}
@@ -66,7 +66,7 @@ def objects(store: S3Store) -> dict[str, dict[str, Any]]:
 
 def test_round_trip_through_s3_with_multipart(world: World, s3_endpoint: str, bucket: str, spool: Path) -> None:
     store = small_parts_store(s3_endpoint, bucket)
-    staff = grant_staff(world, "alice")
+    staff = grant(world, "alice")
     order_id = make_order(world, customer="bob")
     small, large = payload(40_000, 1), payload(12 * MiB + 5, 2)
     with world.db.unit_of_work() as s:
@@ -107,7 +107,7 @@ def test_s3_objects_of_rolled_back_or_refused_uploads_are_deleted(world: World, 
     monkeypatch.setenv("LABCOMMONS_RESULT_MAX_BYTES", str(MiB))
     get_settings.cache_clear()
     store = small_parts_store(s3_endpoint, bucket)
-    staff = grant_staff(world, "alice")
+    staff = grant(world, "alice")
     order_id = make_order(world)
     with pytest.raises(RuntimeError), world.db.unit_of_work() as s:
         row = results.store_result(s, staff, order_id, filename="r.pdf", content_type=None, kind="report",
@@ -133,7 +133,7 @@ def test_api_round_trip_with_the_store_from_the_settings(world: World, s3_endpoi
     get_settings.cache_clear()
     store = get_store()
     assert isinstance(store, S3Store) and store.bucket == bucket
-    grant_staff(world, "alice")
+    grant(world, "alice")
     order_id = make_order(world, customer="bob")
     data = payload(9 * MiB, 4)  # above the default 8 MiB threshold: two parts
     client = client_for(world.db)

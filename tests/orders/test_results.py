@@ -12,6 +12,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
+from fastapi import Request
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from typer.testing import CliRunner
@@ -21,14 +22,14 @@ from labcommons.catalog.models import Service, ServiceKind
 from labcommons.cli import app as cli_app
 from labcommons.config import get_settings
 from labcommons.errors import Conflict, Forbidden, InvalidInput, NotFound
-from labcommons.identity import roles
 from labcommons.identity import service as identity
 from labcommons.orders import results
 from labcommons.orders.models import OrderStatus, ResultFile
+from labcommons.orders.results_api import content_length
 from labcommons.orders.service import apply_transition, create_order, transition
 from labcommons.orders.storage import LocalStore, ObjectMissing, check_key
 from tests.api_client import client_for
-from tests.factories import World
+from tests.factories import World, grant
 
 S = OrderStatus
 PATH_TO = {
@@ -76,20 +77,6 @@ def stores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Stores]:
 def limit_uploads(monkeypatch: pytest.MonkeyPatch, max_bytes: int) -> None:
     monkeypatch.setenv("LABCOMMONS_RESULT_MAX_BYTES", str(max_bytes))
     get_settings.cache_clear()
-
-
-def actor_of(world: World, name: str) -> Actor:
-    with world.db.unit_of_work(write=False) as s:
-        user = identity.find_user(s, f"{name}@example.org")
-        return identity.actor_for(user, grants=roles.grants_of(s, user.id))
-
-
-def grant_staff(world: World, name: str, facility: str = "CQ-LAB") -> Actor:
-    """Make `name` staff of the facility; their actor with the grant."""
-    with world.db.unit_of_work() as s:
-        roles.grant_role(s, None, identity.find_user(s, f"{name}@example.org"), "facility_staff",
-                         facility_id=world.facilities[facility])
-    return actor_of(world, name)
 
 
 def make_order(world: World, status: OrderStatus = S.in_progress, customer: str = "bob") -> int:
@@ -140,7 +127,7 @@ def rows(world: World) -> list[ResultFile]:
 
 
 def test_api_round_trip_of_a_large_file_with_a_unicode_name(world: World, stores: Stores) -> None:
-    grant_staff(world, "alice")
+    grant(world, "alice")
     order_id = make_order(world)
     data = payload(6 * 1024 * 1024 + 123)
     sha = hashlib.sha256(data).hexdigest()
@@ -174,7 +161,7 @@ def test_api_round_trip_of_a_large_file_with_a_unicode_name(world: World, stores
 
 
 def test_chunked_api_upload_without_length_and_a_type_guessed_from_the_name(world: World, stores: Stores) -> None:
-    grant_staff(world, "alice")
+    grant(world, "alice")
     order_id = make_order(world, S.accepted)
     parts = [payload(300_000, seed) for seed in range(5)]
     response = client_for(world.db).post(
@@ -188,7 +175,7 @@ def test_chunked_api_upload_without_length_and_a_type_guessed_from_the_name(worl
 
 
 def test_service_round_trip_strips_paths_and_keeps_unicode(world: World, stores: Stores) -> None:
-    staff = grant_staff(world, "alice")
+    staff = grant(world, "alice")
     order_id = make_order(world)
     data = payload(3 * 1024 * 1024 + 7, seed=3)
     with world.db.unit_of_work() as s:
@@ -209,7 +196,7 @@ def test_service_round_trip_strips_paths_and_keeps_unicode(world: World, stores:
 
 def test_a_content_length_above_the_limit_is_refused_before_reading(world: World, stores: Stores,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    grant_staff(world, "alice")
+    grant(world, "alice")
     order_id = make_order(world)
     limit_uploads(monkeypatch, 1024 * 1024)
     client = client_for(world.db)
@@ -230,9 +217,19 @@ def test_a_content_length_above_the_limit_is_refused_before_reading(world: World
     assert len(stores.objects()) == 1 and stores.spooled() == []
 
 
+@pytest.mark.parametrize("raw", ["\u00b2", "12a", "-1", "9" * 5000])
+def test_a_content_length_that_is_not_a_number_is_a_422(raw: str) -> None:
+    # "²" (which a latin-1 header can carry) passes str.isdigit but not int(): it was a 500.
+    request = Request({"type": "http", "method": "POST", "path": "/", "headers": [
+        (b"content-length", raw.encode("latin-1"))]})
+    with pytest.raises(InvalidInput) as refused:
+        content_length(request)
+    assert refused.value.field == "Content-Length"
+
+
 def test_reading_stops_at_the_first_chunk_past_the_limit(world: World, stores: Stores,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    staff = grant_staff(world, "alice")
+    staff = grant(world, "alice")
     order_id = make_order(world)
     limit_uploads(monkeypatch, 100_000)
     pulled: list[int] = []
@@ -251,7 +248,7 @@ def test_reading_stops_at_the_first_chunk_past_the_limit(world: World, stores: S
 
 
 def test_checksum_mismatch_and_empty_files_are_refused(world: World, stores: Stores) -> None:
-    grant_staff(world, "alice")
+    grant(world, "alice")
     order_id = make_order(world)
     client = client_for(world.db)
     url = f"/api/v1/orders/{order_id}/results"
@@ -350,7 +347,7 @@ def test_local_store_puts_whole_files_only(tmp_path: Path) -> None:
 
 def test_a_failed_insert_deletes_the_stored_object(world: World, stores: Stores,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    staff = grant_staff(world, "alice")
+    staff = grant(world, "alice")
     order_id = make_order(world)
     # A row already holds the key the upload will get, without bytes: the insert hits the unique storage key.
     with world.db.unit_of_work() as s:
@@ -364,7 +361,7 @@ def test_a_failed_insert_deletes_the_stored_object(world: World, stores: Stores,
 
 
 def test_a_rolled_back_transaction_deletes_the_stored_object(world: World, stores: Stores) -> None:
-    staff = grant_staff(world, "alice")
+    staff = grant(world, "alice")
     order_id = make_order(world)
     with pytest.raises(RuntimeError), world.db.unit_of_work() as s:
         row = results.store_result(s, staff, order_id, filename="r.pdf", content_type=None, kind="report",
@@ -379,7 +376,7 @@ def test_a_rolled_back_transaction_deletes_the_stored_object(world: World, store
 
 
 def test_an_order_that_left_work_meanwhile_gets_no_row_and_keeps_no_object(world: World, stores: Stores) -> None:
-    staff = grant_staff(world, "alice")
+    staff = grant(world, "alice")
     order_id = make_order(world)
     first = upload(world, staff, order_id, b"first")
     meta = results.upload_meta(filename="late.pdf", content_type=None, kind="report")
@@ -396,7 +393,7 @@ def test_an_order_that_left_work_meanwhile_gets_no_row_and_keeps_no_object(world
 
 
 def test_customers_see_results_once_delivered_and_others_never(world: World, stores: Stores) -> None:
-    staff = grant_staff(world, "alice")
+    staff = grant(world, "alice")
     order_id = make_order(world, customer="bob")
     data = payload(10_000)
     row = upload(world, staff, order_id, data)
@@ -408,7 +405,7 @@ def test_customers_see_results_once_delivered_and_others_never(world: World, sto
     assert client.get(url, headers=world.headers("bob")).status_code == 404
     assert client.get(url, headers=world.headers("alice")).content == data
     # Someone else, and staff of another facility, never.
-    carol_sc = grant_staff(world, "carol", "SC-UNI")
+    carol_sc = grant(world, "carol", facility="SC-UNI")
     for name in ("carol",):
         assert client.get(listing, headers=world.headers(name)).status_code == 404
         assert client.get(url, headers=world.headers(name)).status_code == 404
@@ -427,7 +424,7 @@ def test_customers_see_results_once_delivered_and_others_never(world: World, sto
 
 
 def test_only_the_facility_staff_upload_and_withdraw(world: World, stores: Stores) -> None:
-    staff = grant_staff(world, "alice")
+    staff = grant(world, "alice")
     order_id = make_order(world, customer="bob")
     row = upload(world, staff, order_id, b"data")
     client = client_for(world.db)
@@ -437,7 +434,7 @@ def test_only_the_facility_staff_upload_and_withdraw(world: World, stores: Store
         assert client.post(up, params={"filename": "x.pdf"}, content=b"x",
                            headers=world.headers(name)).status_code == 403
         assert client.post(withdraw, headers=world.headers(name)).status_code == 403
-    grant_staff(world, "carol", "SC-UNI")  # staff, but of another facility: the order does not exist for her
+    grant(world, "carol", facility="SC-UNI")  # staff, but of another facility: the order does not exist for her
     assert client.post(up, params={"filename": "x.pdf"}, content=b"x",
                        headers=world.headers("carol")).status_code == 404
     assert client.post(withdraw, headers=world.headers("carol")).status_code == 404
@@ -453,7 +450,7 @@ def test_only_the_facility_staff_upload_and_withdraw(world: World, stores: Store
 
 @pytest.mark.parametrize("status", [S.quoted, S.results_delivered])
 def test_uploads_only_while_the_work_is_under_way(world: World, stores: Stores, status: OrderStatus) -> None:
-    staff = grant_staff(world, "alice")
+    staff = grant(world, "alice")
     order_id = make_order(world, S.in_progress)
     upload(world, staff, order_id, b"first")
     if status == S.quoted:
@@ -468,7 +465,7 @@ def test_uploads_only_while_the_work_is_under_way(world: World, stores: Stores, 
 
 
 def test_withdrawing_hides_a_file_from_the_customer_and_keeps_the_record(world: World, stores: Stores) -> None:
-    staff = grant_staff(world, "alice")
+    staff = grant(world, "alice")
     order_id = make_order(world, customer="bob")
     kept = upload(world, staff, order_id, b"good report")
     wrong = upload(world, staff, order_id, b"wrong report", name="wrong.pdf")
@@ -500,7 +497,7 @@ def test_withdrawing_hides_a_file_from_the_customer_and_keeps_the_record(world: 
 
 
 def test_withdrawing_the_only_file_leaves_nothing_to_deliver(world: World, stores: Stores) -> None:
-    staff = grant_staff(world, "alice")
+    staff = grant(world, "alice")
     order_id = make_order(world)
     row = upload(world, staff, order_id, b"only")
     with world.db.unit_of_work() as s:
@@ -515,7 +512,7 @@ def test_withdrawing_the_only_file_leaves_nothing_to_deliver(world: World, store
 
 def test_verify_finds_corrupted_and_missing_objects(world: World, stores: Stores,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    staff = grant_staff(world, "alice")
+    staff = grant(world, "alice")
     order_id = make_order(world)
     intact, corrupted, missing, truncated = (upload(world, staff, order_id, payload(5000, n), name=f"{n}.bin")
                                              for n in range(4))
@@ -578,7 +575,7 @@ def test_streamed_uploads_over_real_http(world: World, stores: Stores, db_url: s
 
     from tests.server import running_server
 
-    grant_staff(world, "alice")
+    grant(world, "alice")
     order_id = make_order(world)
     env = {"LABCOMMONS_RESULT_DIR": str(stores.store.root), "LABCOMMONS_RESULT_TMP_DIR": str(stores.spool),
            "LABCOMMONS_RESULT_MAX_BYTES": str(16 * 1024 * 1024)}

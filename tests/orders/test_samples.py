@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import re
-import threading
-import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from typing import Any
@@ -15,10 +13,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
 from labcommons.actor import Actor
-from labcommons.catalog.models import Service, ServiceKind
-from labcommons.db import Database
 from labcommons.errors import DomainError, Forbidden, InvalidInput, NotFound
-from labcommons.identity import roles
 from labcommons.identity import service as identity
 from labcommons.orders import labels, samples, service
 from labcommons.orders.models import (
@@ -31,33 +26,12 @@ from labcommons.orders.models import (
     ServiceOrder,
 )
 from tests.api_client import client_for
-from tests.factories import World
+from tests.factories import World, grant
+from tests.orders.order_support import add_service, at_once
 
 S = OrderStatus
 
 # --- helpers (shared with tests/web/test_sample_pages.py) ---------------------------------------------------
-
-
-def add_service(world: World, facility: str = "CQ-LAB") -> int:
-    """A quote-on-request testing service of a facility (no list price, so nothing is quoted automatically)."""
-    with world.db.unit_of_work() as s:
-        svc = Service(code=f"SVC-{facility}-{uuid.uuid4().hex[:8]}", facility_id=world.facilities[facility],
-                      kind=ServiceKind.testing, name_zh="单细胞测序", name_en="Single-cell sequencing",
-                      category_code="GEN.SEQ", list_price_fen=None, is_active=True)
-        s.add(svc)
-        s.flush()
-        return svc.id
-
-
-def staff(world: World, name: str, facility: str = "CQ-LAB") -> Actor:
-    """`name` made facility staff of `facility`, as an Actor carrying the grant."""
-    with world.db.unit_of_work() as s:
-        user = identity.find_user(s, f"{name}@example.org")
-        if not any(g.role == "facility_staff" and g.facility_id == world.facilities[facility]
-                   for g in roles.grants_of(s, user.id)):
-            roles.grant_role(s, None, user, "facility_staff", facility_id=world.facilities[facility])
-        s.flush()
-        return identity.actor_for(user, grants=roles.grants_of(s, user.id))
 
 
 # The way from a fresh draft to each status, taken with apply_transition (quotes are not this module's concern).
@@ -201,7 +175,7 @@ def test_the_customer_announces_samples_while_the_order_is_open(world: World, st
 
 def _sample_in(world: World, status: SampleStatus, order_status: OrderStatus = S.in_progress) -> tuple[int, Actor]:
     """A sample brought to `status` on an order in `order_status`, and a staff actor."""
-    alice = staff(world, "alice")
+    alice = grant(world, "alice")
     order_id = make_order(world, S.accepted)
     sid = sample_id(world, register(world, world.actors["bob"], order_id, count=1)[0])
     steps = {SampleStatus.expected: [], SampleStatus.received: ["received"],
@@ -273,7 +247,7 @@ def test_storing_needs_a_place_and_moves_the_sample(world: World) -> None:
 
 @pytest.mark.parametrize("status", [S.submitted, S.quoted])
 def test_nothing_is_received_before_the_quote_is_accepted(world: World, status: OrderStatus) -> None:
-    alice = staff(world, "alice")
+    alice = grant(world, "alice")
     order_id = make_order(world, status)
     sid = sample_id(world, register(world, world.actors["bob"], order_id, count=1)[0])
     error = refused(lambda: record(world, alice, sid, "received"), samples.OrderStatusForbids,
@@ -297,7 +271,7 @@ def test_after_the_order_ends_held_samples_may_only_be_moved_returned_or_dispose
 
 
 def test_an_order_on_hold_still_receives_its_samples(world: World) -> None:
-    alice = staff(world, "alice")
+    alice = grant(world, "alice")
     order_id = make_order(world, S.on_hold)
     sid = sample_id(world, register(world, world.actors["bob"], order_id, count=1)[0])
     assert record(world, alice, sid, "received").status == SampleStatus.received
@@ -315,7 +289,7 @@ def _events(world: World, order_id: int) -> list[tuple[OrderStatus | None, Order
 
 
 def test_the_first_receipt_moves_an_accepted_order_to_samples_received(world: World) -> None:
-    alice = staff(world, "alice")
+    alice = grant(world, "alice")
     order_id = make_order(world, S.accepted)
     codes = register(world, world.actors["bob"], order_id, descriptions=["a", "b"])
     assert order_of(world, order_id).status == S.accepted
@@ -331,7 +305,7 @@ def test_the_first_receipt_moves_an_accepted_order_to_samples_received(world: Wo
 
 
 def test_register_and_receive_in_one_step(world: World) -> None:
-    alice = staff(world, "alice")
+    alice = grant(world, "alice")
     order_id = make_order(world, S.accepted)
     codes = register(world, alice, order_id, descriptions=["serum 1", "serum 2"], receive=True,
                      location="reception fridge", note="cold chain intact")
@@ -345,7 +319,7 @@ def test_register_and_receive_in_one_step(world: World) -> None:
 
 
 def test_receipts_once_work_has_started_leave_the_order_alone(world: World) -> None:
-    alice = staff(world, "alice")
+    alice = grant(world, "alice")
     order_id = make_order(world, S.in_progress)
     register(world, alice, order_id, count=1, receive=True)
     assert order_of(world, order_id).status == S.in_progress
@@ -355,8 +329,8 @@ def test_receipts_once_work_has_started_leave_the_order_alone(world: World) -> N
 
 
 def test_only_the_customer_and_the_facility_staff_see_samples(world: World) -> None:
-    alice = staff(world, "alice")
-    carol_elsewhere = staff(world, "carol", "SC-UNI")
+    alice = grant(world, "alice")
+    carol_elsewhere = grant(world, "carol", facility="SC-UNI")
     order_id = make_order(world, S.accepted)
     code = register(world, world.actors["bob"], order_id, count=1)[0]
     sid = sample_id(world, code)
@@ -389,34 +363,14 @@ def test_only_the_customer_and_the_facility_staff_see_samples(world: World) -> N
 # --- races --------------------------------------------------------------------------------------------------
 
 
-def _race(db: Database, calls: list[Callable[[], object]]) -> list[object]:
-    """Run the calls at once in threads (each with its own session); their results or exceptions."""
-    barrier = threading.Barrier(len(calls))
-    results: list[object] = [None] * len(calls)
-
-    def run(i: int) -> None:
-        barrier.wait()
-        try:
-            results[i] = calls[i]()
-        except Exception as exc:
-            results[i] = exc
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    return results
-
-
 def test_two_staff_receiving_one_sample_at_once_record_one_receipt(world: World) -> None:
-    alice, carol = staff(world, "alice"), staff(world, "carol")
+    alice, carol = grant(world, "alice"), grant(world, "carol")
     order_id = make_order(world, S.accepted)
     codes = register(world, world.actors["bob"], order_id, count=6)
     for code in codes:
         sid = sample_id(world, code)
-        results = _race(world.db, [lambda sid=sid: record(world, alice, sid, "received", location="bench 1"),
-                                   lambda sid=sid: record(world, carol, sid, "received", location="bench 2")])
+        results = at_once(lambda sid=sid: record(world, alice, sid, "received", location="bench 1"),
+                          lambda sid=sid: record(world, carol, sid, "received", location="bench 2"))
         won = [r for r in results if isinstance(r, Sample)]
         lost = [r for r in results if isinstance(r, DomainError)]
         assert len(won) == 1 and len(lost) == 1, results
@@ -430,23 +384,23 @@ def test_two_staff_receiving_one_sample_at_once_record_one_receipt(world: World)
 
 
 def test_receipts_of_two_samples_at_once_both_count_and_move_the_order_once(world: World) -> None:
-    alice, carol = staff(world, "alice"), staff(world, "carol")
+    alice, carol = grant(world, "alice"), grant(world, "carol")
     service_id = add_service(world)
     for _round in range(3):
         order_id = make_order(world, S.accepted, service_id=service_id)
         first, second = (sample_id(world, c) for c in register(world, world.actors["bob"], order_id, count=2))
-        results = _race(world.db, [lambda first=first: record(world, alice, first, "received"),
-                                   lambda second=second: record(world, carol, second, "received")])
+        results = at_once(lambda first=first: record(world, alice, first, "received"),
+                          lambda second=second: record(world, carol, second, "received"))
         assert all(isinstance(r, Sample) for r in results), results
         assert order_of(world, order_id).status == S.samples_received
         assert [e[1] for e in _events(world, order_id)].count(S.samples_received) == 1
 
 
 def test_concurrent_registrations_number_samples_without_gaps(world: World) -> None:
-    alice = staff(world, "alice")
+    alice = grant(world, "alice")
     order_id = make_order(world, S.accepted)
-    results = _race(world.db, [lambda: register(world, world.actors["bob"], order_id, count=3),
-                               lambda: register(world, alice, order_id, count=2, receive=True)])
+    results = at_once(lambda: register(world, world.actors["bob"], order_id, count=3),
+                      lambda: register(world, alice, order_id, count=2, receive=True))
     assert all(isinstance(r, list) for r in results), results
     with world.db.unit_of_work(write=False) as s:
         positions = sorted(s.scalars(select(Sample.position).where(Sample.order_id == order_id)))
@@ -457,7 +411,7 @@ def test_concurrent_registrations_number_samples_without_gaps(world: World) -> N
 
 
 def test_the_api_registers_lists_and_records_custody(world: World) -> None:
-    staff(world, "alice")
+    grant(world, "alice")
     order_id = make_order(world, S.accepted)
     client = client_for(world.db)
     bob, alice, carol = world.headers("bob"), world.headers("alice"), world.headers("carol")

@@ -10,13 +10,12 @@ from labcommons.errors import DomainError, Forbidden, InvalidInput, NotFound
 from labcommons.orders import service
 from labcommons.orders.models import OrderStatus, Quote, QuoteStatus
 from labcommons.orders.service import TRANSITIONS, Party
-from tests.factories import World
+from tests.factories import World, grant
 from tests.orders.order_support import (
     add_received_sample,
     add_result_file,
     add_service,
     events_of,
-    grant,
     new_order,
     status_of,
     walk_to,

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from urllib.parse import unquote
 
 import pytest
 from fastapi.testclient import TestClient
+from httpx import Response
 
 from labcommons.app import create_app
+from labcommons.pages import FLASH_COOKIE
 from tests.factories import World
 
 PASSWORD = "correct horse"
@@ -20,6 +23,28 @@ def csrf_of(html: str) -> str:
     match = _CSRF.search(html)
     assert match, "the page has no form with a CSRF token"
     return match.group(1)
+
+
+def result_names(html: str) -> list[str]:
+    """The names in a search page's result list, in order."""
+    return re.findall(r'class="result-name"[^>]*>([^<]+)<', html)
+
+
+def facet_count(html: str, dim: str, value: str) -> int | None:
+    """The count a search page's facet shows for `dim:value`, None if it shows none."""
+    match = re.search(rf'data-facet="{re.escape(dim)}:{re.escape(value)}".*?<span class="count">(\d+)</span>',
+                      html, re.S)
+    return int(match.group(1)) if match else None
+
+
+def page_csrf(client: TestClient) -> str:
+    """The signed-in browser's CSRF token, from a page every user may open."""
+    return csrf_of(client.get("/account").text)
+
+
+def flash_of(response: Response) -> str:
+    """The flash message a response sets ("kind|text"); empty when it sets none."""
+    return unquote(response.cookies.get(FLASH_COOKIE, "").strip('"'))
 
 
 def sign_in(client: TestClient, user: str, password: str = PASSWORD) -> None:

@@ -9,8 +9,8 @@ from fastapi.testclient import TestClient
 
 from labcommons.catalog.models import PriceUnit
 from labcommons.orders.models import OrderStatus
-from tests.factories import World
-from tests.orders.order_support import add_service, far_day, grant, new_order, status_of, walk_to
+from tests.factories import World, grant
+from tests.orders.order_support import add_service, far_day, new_order, status_of, walk_to
 from tests.web.conftest import csrf_of, sign_in
 
 S = OrderStatus
@@ -170,6 +170,28 @@ def test_steps_with_comments_and_refusals_on_the_page(client: TestClient, world:
                           follow_redirects=False)
     assert illegal.status_code == 303
     assert "This step is not possible now" in client.get(illegal.headers["location"]).text
+    # A version str.isdigit takes but int() does not was a 500; like any other non-number it is no version.
+    for odd in ("²", "9" * 5000):
+        resumed = client.post(f"/orders/{order_id}/transitions", follow_redirects=False,
+                              data={"csrf_token": csrf, "to": "submitted", "expected_version": odd})
+        assert resumed.status_code == 303, odd
+    assert status_of(world, order_id) == S.submitted
+
+
+def test_ids_beyond_the_id_range_are_refused_not_500s(client: TestClient, world: World) -> None:
+    sign_in(client, "bob")
+    huge = 2**31  # PostgreSQL's "integer out of range" was a 500
+    for path in (f"/orders/{huge}", f"/orders/{huge}/labels", f"/samples/{huge}/label", f"/services/{huge}",
+                 f"/services/{huge}/order"):
+        assert client.get(path).status_code == 422, path
+    csrf = csrf_of(client.get("/orders").text)
+    answer = client.post(f"/orders/{huge}/messages", data={"csrf_token": csrf, "body": "hello"})
+    assert answer.status_code == 422
+    # PostgreSQL cannot store a NUL character (SQLite can): that was a 500 page.
+    order_id = new_order(world, add_service(world), submit=True)
+    nul = client.post(f"/orders/{order_id}/messages", data={"csrf_token": csrf, "body": "hel\x00lo"},
+                      follow_redirects=False)
+    assert nul.status_code == (303 if world.db.is_sqlite else 422)
 
 
 def test_messages_and_the_rating_after_closing(client: TestClient, world: World) -> None:

@@ -16,19 +16,9 @@ from labcommons.booking.models import Booking, BookingStatus
 from labcommons.catalog.service import get_instrument
 from labcommons.http import SESSION_COOKIE
 from tests.factories import World, next_grid_day
-from tests.web.conftest import csrf_of, sign_in
+from tests.web.conftest import csrf_of, facet_count, result_names, sign_in
 
 SHANGHAI = ZoneInfo("Asia/Shanghai")
-
-
-def result_names(html: str) -> list[str]:
-    return re.findall(r'class="result-name"[^>]*>([^<]+)<', html)
-
-
-def facet_count(html: str, dim: str, value: str) -> int | None:
-    match = re.search(rf'data-facet="{re.escape(dim)}:{re.escape(value)}".*?<span class="count">(\d+)</span>',
-                      html, re.S)
-    return int(match.group(1)) if match else None
 
 
 def cell_state(html: str, local: datetime) -> str:

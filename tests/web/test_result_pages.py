@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
-from urllib.parse import quote, unquote
+from urllib.parse import quote
 
 import pytest
 from fastapi.testclient import TestClient
@@ -17,12 +17,11 @@ from labcommons.config import get_settings
 from labcommons.db import utcnow
 from labcommons.orders import results_pages  # noqa: F401  (registers the template helpers)
 from labcommons.orders.models import OrderStatus, ResultKind
-from labcommons.pages import FLASH_COOKIE, env
-from tests.factories import World
+from labcommons.pages import env
+from tests.factories import World, grant
 from tests.orders.test_results import (
     UNICODE_NAME,
     Stores,
-    grant_staff,
     limit_uploads,
     make_order,
     move,
@@ -31,7 +30,7 @@ from tests.orders.test_results import (
     upload,
     use_local_store,
 )
-from tests.web.conftest import csrf_of, sign_in
+from tests.web.conftest import flash_of, page_csrf, sign_in
 
 MiB = 1024 * 1024
 
@@ -42,21 +41,13 @@ def stores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Stores]:
     get_settings.cache_clear()
 
 
-def flash_of(response: Any) -> str:
-    return unquote(response.cookies.get(FLASH_COOKIE, ""))
-
-
-def csrf(client: TestClient) -> str:
-    return csrf_of(client.get("/account").text)
-
-
 def test_staff_upload_through_the_form_and_download(client: TestClient, world: World, stores: Stores) -> None:
-    grant_staff(world, "alice")
+    grant(world, "alice")
     order_id = make_order(world)
     sign_in(client, "alice")
     data = payload(2 * MiB + 11)
     response = client.post(
-        f"/orders/{order_id}/results", data={"csrf_token": csrf(client), "kind": "data"},
+        f"/orders/{order_id}/results", data={"csrf_token": page_csrf(client), "kind": "data"},
         files={"file": (UNICODE_NAME, data, "application/pdf")}, follow_redirects=False,
     )
     assert response.status_code == 303
@@ -75,10 +66,10 @@ def test_staff_upload_through_the_form_and_download(client: TestClient, world: W
 def test_the_form_refuses_too_large_or_missing_files_with_a_message(client: TestClient, world: World,
                                                                     stores: Stores,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    grant_staff(world, "alice")
+    grant(world, "alice")
     order_id = make_order(world)
     sign_in(client, "alice")
-    token = csrf(client)
+    token = page_csrf(client)
     limit_uploads(monkeypatch, MiB)
     url = f"/orders/{order_id}/results"
     # Far too large: refused on its Content-Length, before the form is read.
@@ -99,11 +90,11 @@ def test_the_form_refuses_too_large_or_missing_files_with_a_message(client: Test
 
 
 def test_withdraw_from_the_page(client: TestClient, world: World, stores: Stores) -> None:
-    staff = grant_staff(world, "alice")
+    staff = grant(world, "alice")
     order_id = make_order(world)
     row = upload(world, staff, order_id, b"wrong numbers", name="wrong.pdf")
     sign_in(client, "alice")
-    token = csrf(client)
+    token = page_csrf(client)
     url = f"/orders/{order_id}/results/{row.id}/withdraw"
     response = client.post(url, data={"csrf_token": token}, follow_redirects=False)
     assert response.status_code == 303 and "wrong.pdf" in flash_of(response)
@@ -113,13 +104,13 @@ def test_withdraw_from_the_page(client: TestClient, world: World, stores: Stores
 
 
 def test_customers_and_strangers_on_the_pages(client: TestClient, world: World, stores: Stores) -> None:
-    staff = grant_staff(world, "alice")
+    staff = grant(world, "alice")
     order_id = make_order(world, customer="bob")
     row = upload(world, staff, order_id, b"the report")
     download = f"/orders/{order_id}/results/{row.id}"
     assert client.get(download, follow_redirects=False).status_code == 303  # to sign in
     sign_in(client, "bob")
-    token = csrf(client)
+    token = page_csrf(client)
     assert client.get(download).status_code == 404
     assert client.post(f"/orders/{order_id}/results", data={"csrf_token": token},
                        files={"file": ("x.pdf", b"x")}).status_code == 403
@@ -178,7 +169,7 @@ def test_the_fragment_for_the_customer() -> None:
 
 
 def test_the_order_page_includes_the_fragment(client: TestClient, world: World, stores: Stores) -> None:
-    staff = grant_staff(world, "alice")
+    staff = grant(world, "alice")
     order_id = make_order(world)
     upload(world, staff, order_id, b"report", name="final.pdf")
     sign_in(client, "alice")

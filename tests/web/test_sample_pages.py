@@ -4,32 +4,20 @@ from __future__ import annotations
 
 import re
 from datetime import datetime
-from urllib.parse import unquote
 from zoneinfo import ZoneInfo
 
 from fastapi.testclient import TestClient
-from httpx import Response
 from sqlalchemy import select
 
 from labcommons import i18n
 from labcommons.orders import samples
 from labcommons.orders.models import OrderStatus, Sample, SampleStatus, ServiceOrder
-from labcommons.pages import FLASH_COOKIE, env
-from tests.factories import World
-from tests.orders.test_samples import make_order, order_of, record, register, sample_id, staff
-from tests.web.conftest import csrf_of, sign_in
+from labcommons.pages import env
+from tests.factories import World, grant
+from tests.orders.test_samples import make_order, order_of, record, register, sample_id
+from tests.web.conftest import flash_of, page_csrf, sign_in
 
 S = OrderStatus
-
-
-def _flash(response: Response) -> str:
-    raw = response.cookies.get(FLASH_COOKIE)
-    assert raw, "no flash message was set"
-    return unquote(raw.strip('"'))
-
-
-def _csrf(client: TestClient) -> str:
-    return csrf_of(client.get("/account").text)
 
 
 def _statuses(world: World, order_id: int) -> list[tuple[str, SampleStatus, str]]:
@@ -43,19 +31,19 @@ def test_the_customer_announces_samples_from_the_order_page(client: TestClient, 
     number = order_of(world, order_id).number
     sign_in(client, "bob")
     response = client.post(f"/orders/{order_id}/samples", data={
-        "csrf_token": _csrf(client), "descriptions": "liver\n\n  kidney  \n", "count": ""}, follow_redirects=False)
+        "csrf_token": page_csrf(client), "descriptions": "liver\n\n  kidney  \n", "count": ""}, follow_redirects=False)
     assert response.status_code == 303
     assert response.headers["location"] == f"/orders/{order_id}#samples"
-    assert f"{number}-S01" in _flash(response) and f"{number}-S02" in _flash(response)
+    assert f"{number}-S01" in flash_of(response) and f"{number}-S02" in flash_of(response)
     assert _statuses(world, order_id) == [(f"{number}-S01", SampleStatus.expected, ""),
                                           (f"{number}-S02", SampleStatus.expected, "")]
     # Receiving is the staff's: the customer's "receive" box is refused and nothing is added.
     refused = client.post(f"/orders/{order_id}/samples", data={
-        "csrf_token": _csrf(client), "count": "1", "receive": "1"}, follow_redirects=False)
+        "csrf_token": page_csrf(client), "count": "1", "receive": "1"}, follow_redirects=False)
     assert refused.status_code == 403
-    bad = client.post(f"/orders/{order_id}/samples", data={"csrf_token": _csrf(client), "count": "two"},
+    bad = client.post(f"/orders/{order_id}/samples", data={"csrf_token": page_csrf(client), "count": "two"},
                       follow_redirects=False)
-    assert bad.status_code == 303 and _flash(bad).startswith("error|")
+    assert bad.status_code == 303 and flash_of(bad).startswith("error|")
     assert len(_statuses(world, order_id)) == 2
     # Without the form's CSRF token nothing happens.
     assert client.post(f"/orders/{order_id}/samples", data={"count": "1"}).status_code == 403
@@ -63,52 +51,52 @@ def test_the_customer_announces_samples_from_the_order_page(client: TestClient, 
 
 
 def test_staff_record_custody_from_the_order_page(client: TestClient, world: World) -> None:
-    staff(world, "alice")
+    grant(world, "alice")
     order_id = make_order(world, S.accepted)
     code = register(world, world.actors["bob"], order_id, count=1)[0]
     sid = sample_id(world, code)
     sign_in(client, "alice")
     client.get("/account?lang=en")  # the language cookie: flash messages below in English
     response = client.post(f"/samples/{sid}/events", data={
-        "csrf_token": _csrf(client), "event": "received", "location": "", "note": "box intact"},
+        "csrf_token": page_csrf(client), "event": "received", "location": "", "note": "box intact"},
         follow_redirects=False)
     assert response.status_code == 303 and response.headers["location"] == f"/orders/{order_id}#samples"
-    assert code in _flash(response)
+    assert code in flash_of(response)
     assert order_of(world, order_id).status == S.samples_received
-    again = client.post(f"/samples/{sid}/events", data={"csrf_token": _csrf(client), "event": "received"},
+    again = client.post(f"/samples/{sid}/events", data={"csrf_token": page_csrf(client), "event": "received"},
                         follow_redirects=False)
     assert again.status_code == 303 and again.headers["location"] == f"/orders/{order_id}#samples"
-    assert _flash(again).startswith("error|") and "Stored / moved" in _flash(again)
-    no_place = client.post(f"/samples/{sid}/events", data={"csrf_token": _csrf(client), "event": "stored"},
+    assert flash_of(again).startswith("error|") and "Stored / moved" in flash_of(again)
+    no_place = client.post(f"/samples/{sid}/events", data={"csrf_token": page_csrf(client), "event": "stored"},
                            follow_redirects=False)
-    assert _flash(no_place) == "error|Say where the sample is stored."
-    client.post(f"/samples/{sid}/events", data={"csrf_token": _csrf(client), "event": "stored",
+    assert flash_of(no_place) == "error|Say where the sample is stored."
+    client.post(f"/samples/{sid}/events", data={"csrf_token": page_csrf(client), "event": "stored",
                                                 "location": "freezer B2"})
     assert _statuses(world, order_id) == [(code, SampleStatus.stored, "freezer B2")]
     # Staff register and receive in one step.
-    client.post(f"/orders/{order_id}/samples", data={"csrf_token": _csrf(client), "count": "2", "receive": "1",
+    client.post(f"/orders/{order_id}/samples", data={"csrf_token": page_csrf(client), "count": "2", "receive": "1",
                                                      "location": "reception"})
     assert [x[1:] for x in _statuses(world, order_id)[1:]] == [(SampleStatus.received, "reception")] * 2
 
 
 def test_the_customer_may_not_record_custody_and_others_see_nothing(client: TestClient, world: World) -> None:
-    staff(world, "alice")
+    grant(world, "alice")
     order_id = make_order(world, S.accepted)
     code = register(world, world.actors["bob"], order_id, count=1)[0]
     sid = sample_id(world, code)
     sign_in(client, "bob")
-    assert client.post(f"/samples/{sid}/events", data={"csrf_token": _csrf(client), "event": "received"},
+    assert client.post(f"/samples/{sid}/events", data={"csrf_token": page_csrf(client), "event": "received"},
                        follow_redirects=False).status_code == 403
     sign_in(client, "carol")
     for path in (f"/samples/{sid}/label", f"/orders/{order_id}/labels", f"/samples/code/{code}"):
         assert client.get(path, follow_redirects=False).status_code == 404, path
-    assert client.post(f"/orders/{order_id}/samples", data={"csrf_token": _csrf(client), "count": "1"},
+    assert client.post(f"/orders/{order_id}/samples", data={"csrf_token": page_csrf(client), "count": "1"},
                        follow_redirects=False).status_code == 404
     assert _statuses(world, order_id) == [(code, SampleStatus.expected, "")]
 
 
 def test_label_pages_print_one_label_per_sample(client: TestClient, world: World) -> None:
-    alice = staff(world, "alice")
+    alice = grant(world, "alice")
     order_id = make_order(world, S.accepted)
     codes = register(world, world.actors["bob"], order_id, descriptions=["Mouse liver <FFPE>", "Serum"])
     record(world, alice, sample_id(world, codes[0]), "received")
@@ -139,7 +127,7 @@ def test_a_scanned_label_leads_to_the_sample_on_its_order(client: TestClient, wo
     sign_in(client, "bob")
     scanned = client.get(f"/samples/code/{code}", follow_redirects=False)
     assert scanned.status_code == 303 and scanned.headers["location"] == f"/orders/{order_id}#sample-{sid}"
-    staff(world, "alice")
+    grant(world, "alice")
     sign_in(client, "alice")
     assert client.get(f"/samples/code/{code.lower()}", follow_redirects=False).headers["location"] == \
         f"/orders/{order_id}#sample-{sid}"
@@ -160,7 +148,7 @@ def _fragment(world: World, order_id: int, *, is_staff: bool, is_customer: bool,
 
 
 def test_the_fragment_shows_the_trail_and_the_forms_each_side_may_use(world: World) -> None:
-    alice = staff(world, "alice")
+    alice = grant(world, "alice")
     order_id = make_order(world, S.accepted)
     codes = register(world, world.actors["bob"], order_id, descriptions=["plasma", "serum"])
     record(world, alice, sample_id(world, codes[0]), "received")
@@ -206,7 +194,7 @@ def test_the_fragment_in_chinese_and_without_samples(world: World) -> None:
 
 
 def test_the_order_page_shows_the_samples_section(client: TestClient, world: World) -> None:
-    alice = staff(world, "alice")
+    alice = grant(world, "alice")
     order_id = make_order(world, S.accepted)
     codes = register(world, world.actors["bob"], order_id, count=2)
     first, second = sample_id(world, codes[0]), sample_id(world, codes[1])

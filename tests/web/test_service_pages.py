@@ -13,19 +13,9 @@ from labcommons.catalog import service as catalog
 from labcommons.catalog.models import Service, ServiceInstrument
 from labcommons.identity import roles
 from labcommons.identity import service as identity
-from tests.catalog.test_services import build_services, grant, rate
-from tests.factories import World
-from tests.web.conftest import csrf_of, sign_in
-
-
-def result_names(html: str) -> list[str]:
-    return re.findall(r'class="result-name"[^>]*>([^<]+)<', html)
-
-
-def facet_count(html: str, dim: str, value: str) -> int | None:
-    match = re.search(rf'data-facet="{re.escape(dim)}:{re.escape(value)}".*?<span class="count">(\d+)</span>',
-                      html, re.S)
-    return int(match.group(1)) if match else None
+from tests.catalog.test_services import build_services, rate
+from tests.factories import World, grant
+from tests.web.conftest import csrf_of, facet_count, result_names, sign_in
 
 
 def result_block(html: str, code: str) -> str:
@@ -240,6 +230,9 @@ def test_a_manager_creates_and_edits_a_service(client: TestClient, services: dic
     [
         ({"price": "12.345"}, "Enter an amount in yuan", "price"),
         ({"turnaround_days": "soon"}, "Enter a whole number.", "turnaround_days"),
+        # str.isdigit takes these, int() does not: they were 500s.
+        ({"turnaround_days": "²"}, "Enter a whole number.", "turnaround_days"),
+        ({"turnaround_days": "9" * 5000}, "Enter a whole number.", "turnaround_days"),
         ({"code": "CQ-WGS"}, "Another service already has this code.", "code"),
         ({"category_code": ""}, "This field is required.", "category_code"),
         ({"accreditations": "CMA 1 2027-02-30"}, "Write dates as YYYY-MM-DD.", "accreditations"),
@@ -274,6 +267,10 @@ def test_instruments_of_another_facility_are_refused(
     r = client.post(url + "?lang=en", data={**form, "instrument_ids": [str(world.instruments["SC-MS"])]},
                     follow_redirects=False)
     assert r.status_code == 422 and "may only use its own facility" in r.text
+    for odd in ("²", "9" * 5000, str(2**31)):  # 500s before: int() refused the first two, PostgreSQL the last
+        r = client.post(url + "?lang=en", data={**form, "instrument_ids": [odd]}, follow_redirects=False)
+        assert r.status_code == 422 and "Unknown instrument." in r.text, odd
+    assert client.get(f"/manage/services/{2**31}").status_code == 422
     with world.db.unit_of_work(write=False) as s:
         assert s.get(Service, services["CQ-WGS"]).name_en == "Human whole-genome resequencing"  # type: ignore[union-attr]
         assert s.scalars(select(ServiceInstrument.instrument_id)

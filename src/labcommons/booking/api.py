@@ -16,8 +16,8 @@ from labcommons.booking.models import BookingStatus
 from labcommons.booking.schemas import AvailabilityRead, BookingCreate, BookingPage, BookingRead, SlotList, SlotRead
 from labcommons.catalog.service import InstrumentQuery
 from labcommons.db import Database, utcnow
-from labcommons.http import get_db, require_scope
-from labcommons.idempotency import Outcome, fingerprint, run_idempotent
+from labcommons.http import get_db, idempotent_post, require_scope
+from labcommons.idempotency import Outcome
 
 router = APIRouter(tags=["booking"])
 
@@ -28,11 +28,6 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     409: {"description": "Conflicts with the current state, e.g. overlapping_booking"},
     422: {"description": "Invalid input; `field` names it"},
 }
-
-
-def _json(outcome: Outcome) -> JSONResponse:
-    headers = {"Idempotent-Replayed": "true"} if outcome.replayed else None
-    return JSONResponse(outcome.body, status_code=outcome.status_code, headers=headers)
 
 
 @router.get("/instruments/{instrument_id}/availability", response_model=AvailabilityRead, responses=ERRORS)
@@ -82,8 +77,7 @@ def create_booking(
         )
         return Outcome(201, BookingRead.of(booking).model_dump(mode="json"))
 
-    print_ = fingerprint("POST", request.url.path, body.model_dump(mode="json"))
-    return _json(run_idempotent(db, actor.user_id, idempotency_key, print_, work))
+    return idempotent_post(request, db, actor, idempotency_key, body.model_dump(mode="json"), work)
 
 
 @router.get("/bookings", response_model=BookingPage, responses=ERRORS)
@@ -128,7 +122,6 @@ def cancel_booking(
         booking = service.cancel_booking(session, actor, booking_id)
         return Outcome(200, BookingRead.of(booking).model_dump(mode="json"))
 
-    print_ = fingerprint("POST", request.url.path, None)
-    return _json(run_idempotent(db, actor.user_id, idempotency_key, print_, work))
+    return idempotent_post(request, db, actor, idempotency_key, None, work)
 
 

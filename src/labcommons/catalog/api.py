@@ -25,8 +25,8 @@ from labcommons.catalog.schemas import (
     ServiceUpdate,
 )
 from labcommons.db import Database
-from labcommons.http import get_db, require_scope
-from labcommons.idempotency import Outcome, fingerprint, run_idempotent
+from labcommons.http import Id, get_db, idempotent_post, require_scope
+from labcommons.idempotency import Outcome
 
 router = APIRouter(tags=["catalogue"])
 
@@ -72,7 +72,7 @@ def search_instruments(
 
 
 @router.get("/instruments/{instrument_id}", response_model=InstrumentRead)
-def get_instrument(instrument_id: int, db: Annotated[Database, Depends(get_db)]) -> InstrumentRead:
+def get_instrument(instrument_id: Id, db: Annotated[Database, Depends(get_db)]) -> InstrumentRead:
     """One instrument with its facility, booking rules and descriptions."""
     with db.unit_of_work(write=False) as session:
         return InstrumentRead.of(service.get_instrument(session, instrument_id))
@@ -113,15 +113,10 @@ def search_services(
 
 
 @router.get("/services/{service_id}", response_model=ServiceRead, responses=ERRORS)
-def get_service(service_id: int, db: Annotated[Database, Depends(get_db)]) -> ServiceRead:
+def get_service(service_id: Id, db: Annotated[Database, Depends(get_db)]) -> ServiceRead:
     """One service: prices, turnaround, sample requirements, accreditations, instruments used, rating."""
     with db.unit_of_work(write=False) as session:
         return ServiceRead.of_detail(service.get_service(session, service_id))
-
-
-def _json(outcome: Outcome) -> JSONResponse:
-    headers = {"Idempotent-Replayed": "true"} if outcome.replayed else None
-    return JSONResponse(outcome.body, status_code=outcome.status_code, headers=headers)
 
 
 @router.post("/services", status_code=201, response_model=ServiceRead, responses=ERRORS)
@@ -144,13 +139,12 @@ def create_service(
         )
         return Outcome(201, ServiceRead.of_detail(service.get_service(session, created.id)).model_dump(mode="json"))
 
-    print_ = fingerprint("POST", request.url.path, body.model_dump(mode="json"))
-    return _json(run_idempotent(db, actor.user_id, idempotency_key, print_, work))
+    return idempotent_post(request, db, actor, idempotency_key, body.model_dump(mode="json"), work)
 
 
 @router.patch("/services/{service_id}", response_model=ServiceRead, responses=ERRORS)
 def update_service(
-    service_id: int, body: ServiceUpdate, actor: Admin, db: Annotated[Database, Depends(get_db)]
+    service_id: Id, body: ServiceUpdate, actor: Admin, db: Annotated[Database, Depends(get_db)]
 ) -> ServiceRead:
     """Change a service; only the fields sent change. Deactivate with is_active false (services are never
     deleted: orders refer to them)."""

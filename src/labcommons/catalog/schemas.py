@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from labcommons.catalog.models import Instrument, InstrumentStatus, OpenTo, PriceUnit, Service, ServiceKind
 from labcommons.catalog.service import MAX_PRICE_FEN, MAX_TURNAROUND_DAYS, ServiceDetail
+from labcommons.db import MAX_ID
 
 
 class Named(BaseModel):
@@ -170,6 +171,7 @@ PriceFen = Annotated[int, Field(ge=0, le=MAX_PRICE_FEN, strict=True, description
 TurnaroundDays = Annotated[int, Field(ge=0, le=MAX_TURNAROUND_DAYS)]
 LongText = Annotated[str, Field(max_length=5000)]
 Name = Annotated[str, Field(max_length=200)]
+InstrumentId = Annotated[int, Field(gt=0, le=MAX_ID)]
 
 
 class AccreditationIn(BaseModel):
@@ -200,7 +202,7 @@ class ServiceCreate(BaseModel):
     price_unit: PriceUnit = PriceUnit.sample
     is_active: bool = True
     accreditations: list[AccreditationIn] = Field(default_factory=list, max_length=20)
-    instrument_ids: list[int] = Field(default_factory=list, max_length=100)
+    instrument_ids: list[InstrumentId] = Field(default_factory=list, max_length=100)
 
 
 class ServiceUpdate(BaseModel):
@@ -221,4 +223,4 @@ class ServiceUpdate(BaseModel):
     price_unit: PriceUnit | None = None
     is_active: bool | None = None
     accreditations: list[AccreditationIn] | None = Field(default=None, max_length=20)
-    instrument_ids: list[int] | None = Field(default=None, max_length=100)
+    instrument_ids: list[InstrumentId] | None = Field(default=None, max_length=100)

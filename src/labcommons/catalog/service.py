@@ -11,7 +11,6 @@ from typing import Any
 from sqlalchemy import (
     ColumnElement,
     Double,
-    Select,
     and_,
     cast,
     delete,
@@ -41,11 +40,12 @@ from labcommons.catalog.models import (
     ServiceKind,
 )
 from labcommons.catalog.text import index_tokens, query_terms
+from labcommons.db import MAX_ID
 from labcommons.errors import Conflict, InvalidInput, NotFound
 from labcommons.identity import roles
 from labcommons.identity.roles import Action, FacilityRef
 from labcommons.orders.models import OrderRating
-from labcommons.pagination import decode_cursor, encode_cursor
+from labcommons.pagination import decode_keyset, encode_cursor
 
 
 @dataclass(frozen=True)
@@ -244,6 +244,49 @@ def _validate(query: InstrumentQuery) -> None:
         raise InvalidInput("The search text is too long (200 characters at most).", field="q")
 
 
+def _matching(stmt: Any, model: type[Instrument] | type[Service], match: tuple[Any, Any] | None) -> Any:
+    """`stmt` over `model` kept to the rows matching the text (`text_match`'s subquery), if any text was given."""
+    return stmt if match is None else stmt.join(match[0], match[0].c.id == model.id)
+
+
+def _ranked_page(
+    session: Session,
+    model: type[Instrument] | type[Service],
+    match: tuple[Any, Any] | None,
+    where: Sequence[ColumnElement[bool]],
+    *,
+    limit: int,
+    cursor: str | None,
+    options: Sequence[Any],
+) -> tuple[list[Any], str | None, dict[int, float]]:
+    """One page of `model` rows: best text rank first then by id (by id alone without text), keyset-paged; the
+    rows, the cursor of the next page and each row's rank."""
+    rank = match[1] if match is not None else None
+    stmt = _matching(select(model, literal_column("0.0") if rank is None else rank), model, match).where(*where)
+    if cursor:
+        last_rank, last_id = decode_keyset(cursor, ranked=rank is not None)
+        stmt = stmt.where(model.id > last_id if rank is None
+                          else or_(rank > last_rank, and_(rank == last_rank, model.id > last_id)))
+    order = [model.id] if rank is None else [rank, model.id]
+    rows = session.execute(stmt.order_by(*order).limit(limit + 1).options(*options)).unique().all()
+    has_more = len(rows) > limit
+    rows = rows[:limit]
+    next_cursor = None
+    if has_more and rows:
+        last, last_rank = rows[-1]
+        next_cursor = encode_cursor([last.id] if rank is None else [float(last_rank), last.id])
+    return [r[0] for r in rows], next_cursor, {r[0].id: float(r[1]) for r in rows}
+
+
+def _grouped_counts(
+    session: Session, model: type[Instrument] | type[Service], match: tuple[Any, Any] | None,
+    where: Sequence[ColumnElement[bool]], column: Any,
+) -> list[tuple[Any, int]]:
+    """How many rows of `model` matching the text and `where` have each value of `column` (for facets)."""
+    stmt = _matching(select(column, func.count()).select_from(model), model, match)
+    return [(value, int(count)) for value, count in session.execute(stmt.where(*where, true()).group_by(column))]
+
+
 def search_instruments(
     session: Session,
     query: InstrumentQuery,
@@ -254,37 +297,12 @@ def search_instruments(
 ) -> SearchPage:
     """One page of instruments matching `query`, best match first (by id without text), with a cursor."""
     _validate(query)
-    match = text_match(session, query.q)
-    stmt: Select[tuple[Instrument, Any]]
-    if match is not None:
-        sub, rank = match
-        stmt = select(Instrument, rank).join(sub, sub.c.id == Instrument.id)
-        order = [rank, Instrument.id]
-    else:
-        rank = None
-        stmt = select(Instrument, literal_column("0.0"))  # type: ignore[assignment]
-        order = [Instrument.id]
-    stmt = stmt.where(*instrument_filters(query))
-    if cursor:
-        if rank is not None:
-            last_rank, last_id = decode_cursor(cursor, 2)
-            stmt = stmt.where(or_(rank > last_rank, and_(rank == last_rank, Instrument.id > last_id)))
-        else:
-            (last_id,) = decode_cursor(cursor, 1)
-            stmt = stmt.where(Instrument.id > last_id)
-    stmt = stmt.order_by(*order).limit(limit + 1).options(
-        joinedload(Instrument.institution), joinedload(Instrument.category), joinedload(Instrument.region),
-        joinedload(Instrument.facility),
+    items, next_cursor, ranks = _ranked_page(
+        session, Instrument, text_match(session, query.q), instrument_filters(query), limit=limit, cursor=cursor,
+        options=[joinedload(Instrument.institution), joinedload(Instrument.category), joinedload(Instrument.region),
+                 joinedload(Instrument.facility)],
     )
-    rows = session.execute(stmt).unique().all()
-    has_more = len(rows) > limit
-    rows = rows[:limit]
-    next_cursor = None
-    if has_more and rows:
-        last, last_rank = rows[-1]
-        next_cursor = encode_cursor([float(last_rank), last.id] if rank is not None else [last.id])
-    page = SearchPage(items=[r[0] for r in rows], next_cursor=next_cursor,
-                      ranks={r[0].id: float(r[1]) for r in rows})
+    page = SearchPage(items=items, next_cursor=next_cursor, ranks=ranks)
     if with_facets:
         page.facets = facet_counts(session, query)
     return page
@@ -296,11 +314,7 @@ def facet_counts(session: Session, query: InstrumentQuery) -> dict[str, list[Fac
     match = text_match(session, query.q)
 
     def grouped(column: Any, skip: str) -> list[tuple[Any, int]]:
-        stmt = select(column, func.count()).select_from(Instrument)
-        if match is not None:
-            stmt = stmt.join(match[0], match[0].c.id == Instrument.id)
-        stmt = stmt.where(*instrument_filters(query, skip=skip), true()).group_by(column)
-        return [(value, int(count)) for value, count in session.execute(stmt).all()]
+        return _grouped_counts(session, Instrument, match, instrument_filters(query, skip=skip), column)
 
     region_facet = _region_facet(session, grouped(Instrument.region_code, "region"))
     institution_facet = _institution_facet(session, grouped(Instrument.institution_id, "institution"))
@@ -355,10 +369,7 @@ def _category_facet(session: Session, leaf_counts: Iterable[tuple[str, int]]) ->
 def instrument_count(session: Session, query: InstrumentQuery) -> int:
     """How many instruments match `query` (for the kind facet of the search page)."""
     _validate(query)
-    match = text_match(session, query.q)
-    stmt = select(func.count()).select_from(Instrument)
-    if match is not None:
-        stmt = stmt.join(match[0], match[0].c.id == Instrument.id)
+    stmt = _matching(select(func.count()).select_from(Instrument), Instrument, text_match(session, query.q))
     return int(session.scalar(stmt.where(*instrument_filters(query), true())) or 0)
 
 
@@ -467,6 +478,8 @@ def _check_service_rules(service: Service) -> None:
     if not (service.name_zh or "").strip() and not (service.name_en or "").strip():
         raise InvalidInput("Give the service a name (in Chinese, English or both).", field="name_zh",
                            code="missing_field")
+    if service.is_active is None:
+        service.is_active = True  # a new row before its first flush: the column's default
     if not isinstance(service.is_active, bool):
         raise InvalidInput("is_active must be true or false.", field="is_active", code="invalid_boolean")
 
@@ -558,7 +571,9 @@ def replace_instruments(session: Session, service: Service, instrument_ids: Iter
             raise InvalidInput("instrument_ids lists instrument ids.", field="instrument_ids", code="invalid_input")
         if value not in wanted:
             wanted.append(value)
-    found = {i.id: i for i in session.scalars(select(Instrument).where(Instrument.id.in_(wanted)))} if wanted else {}
+    # An id beyond the id range names no instrument (and would fail in the query).
+    known = [i for i in wanted if 0 < i <= MAX_ID]
+    found = {i.id: i for i in session.scalars(select(Instrument).where(Instrument.id.in_(known)))} if known else {}
     missing = [i for i in wanted if i not in found]
     if missing:
         raise InvalidInput(f"Instrument {missing[0]} does not exist.", field="instrument_ids",
@@ -837,37 +852,12 @@ def search_services(
 ) -> ServiceResults:
     """One page of services matching `query`, best match first (by id without text), with a cursor."""
     _validate_services(query)
-    match = text_match(session, query.q, Service)
-    stmt: Select[tuple[Service, Any]]
-    if match is not None:
-        sub, rank = match
-        stmt = select(Service, rank).join(sub, sub.c.id == Service.id)
-        order = [rank, Service.id]
-    else:
-        rank = None
-        stmt = select(Service, literal_column("0.0"))  # type: ignore[assignment]
-        order = [Service.id]
-    stmt = stmt.where(*service_filters(query))
-    if cursor:
-        if rank is not None:
-            last_rank, last_id = decode_cursor(cursor, 2)
-            stmt = stmt.where(or_(rank > last_rank, and_(rank == last_rank, Service.id > last_id)))
-        else:
-            (last_id,) = decode_cursor(cursor, 1)
-            stmt = stmt.where(Service.id > last_id)
-    stmt = stmt.order_by(*order).limit(limit + 1).options(
-        joinedload(Service.facility).joinedload(Facility.institution).joinedload(Institution.region),
-        joinedload(Service.category),
+    items, next_cursor, ranks = _ranked_page(
+        session, Service, text_match(session, query.q, Service), service_filters(query), limit=limit, cursor=cursor,
+        options=[joinedload(Service.facility).joinedload(Facility.institution).joinedload(Institution.region),
+                 joinedload(Service.category)],
     )
-    rows = session.execute(stmt).unique().all()
-    has_more = len(rows) > limit
-    rows = rows[:limit]
-    next_cursor = None
-    if has_more and rows:
-        last, last_rank = rows[-1]
-        next_cursor = encode_cursor([float(last_rank), last.id] if rank is not None else [last.id])
-    page = ServiceResults(items=[r[0] for r in rows], next_cursor=next_cursor,
-                          ranks={r[0].id: float(r[1]) for r in rows})
+    page = ServiceResults(items=items, next_cursor=next_cursor, ranks=ranks)
     if with_facets:
         page.facets = service_facet_counts(session, query)
     return page
@@ -881,11 +871,7 @@ def service_facet_counts(
     match = text_match(session, query.q, Service)
 
     def grouped(column: Any, skip: str) -> list[tuple[Any, int]]:
-        stmt = select(column, func.count()).select_from(Service)
-        if match is not None:
-            stmt = stmt.join(match[0], match[0].c.id == Service.id)
-        stmt = stmt.where(*service_filters(query, skip=skip), true()).group_by(column)
-        return [(value, int(count)) for value, count in session.execute(stmt).all()]
+        return _grouped_counts(session, Service, match, service_filters(query, skip=skip), column)
 
     facets: dict[str, list[FacetValue]] = {}
     if "kind" in dims:

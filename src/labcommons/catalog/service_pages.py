@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
@@ -13,7 +14,7 @@ from labcommons.catalog.models import PriceUnit, Service, ServiceKind
 from labcommons.catalog.pages import kind_label, price_text, rating_text, turnaround_text
 from labcommons.db import Database, utcnow
 from labcommons.errors import Conflict, DomainError, InvalidInput
-from labcommons.http import get_db, page_actor
+from labcommons.http import Id, get_db, page_actor
 from labcommons.i18n import gettext_ as _
 from labcommons.identity import roles
 from labcommons.identity.roles import Action, FacilityRef
@@ -82,7 +83,7 @@ def _unit_choices() -> list[tuple[str, str]]:
 
 
 @router.get("/services/{service_id}", response_class=HTMLResponse)
-def service_page(service_id: int, request: Request, db: Annotated[Database, Depends(get_db)]) -> HTMLResponse:
+def service_page(service_id: Id, request: Request, db: Annotated[Database, Depends(get_db)]) -> HTMLResponse:
     """What a customer needs to decide: description, samples, price, turnaround, accreditations, instruments,
     ratings, and the button to order it."""
     with db.unit_of_work(write=False) as session:
@@ -136,11 +137,12 @@ def _form_of(svc: Service, detail: service.ServiceDetail) -> dict[str, Any]:
 def _fields_of(form: dict[str, Any], *, creating: bool) -> dict[str, Any]:
     """The service fields of a posted form; InvalidInput naming the field for what cannot be read."""
     days_text = form["turnaround_days"].strip()
-    if days_text and not days_text.isdigit():
+    # \d and a bounded length: what int() takes ("²" passes str.isdigit but not int(), nor do 5000 digits).
+    if days_text and not re.fullmatch(r"\d{1,9}", days_text):
         raise InvalidInput("turnaround_days is a whole number.", field="turnaround_days", code="invalid_number")
     ids: list[int] = []
     for raw in form["instrument_ids"]:
-        if not raw.isdigit():
+        if not re.fullmatch(r"\d{1,10}", raw):
             raise InvalidInput("Unknown instrument.", field="instrument_ids", code="unknown_instrument")
         ids.append(int(raw))
     fields: dict[str, Any] = {
@@ -216,14 +218,14 @@ def _edit_page(request: Request, db: Database, actor: Actor, service_id: int, st
 
 
 @router.get("/manage/services/{service_id}", response_class=HTMLResponse)
-def edit_service(service_id: int, request: Request, db: Annotated[Database, Depends(get_db)]) -> HTMLResponse:
+def edit_service(service_id: Id, request: Request, db: Annotated[Database, Depends(get_db)]) -> HTMLResponse:
     """The edit form of one service, with its accreditations and the instruments it uses."""
     return _edit_page(request, db, require_actor(request), service_id)
 
 
 @router.post("/manage/services/{service_id}", response_model=None)
 def save_service(
-    service_id: int, request: Request, db: Annotated[Database, Depends(get_db)],
+    service_id: Id, request: Request, db: Annotated[Database, Depends(get_db)],
     form: Annotated[dict[str, Any], Depends(_posted)],
 ) -> Response:
     """Save a service (Post/Redirect/Get); the form again with the problem named."""

@@ -29,8 +29,16 @@ def N_(message: str) -> str:
 
 
 # Events services announce; each becomes an e-mail (zh/en) unless the user switched it off.
-EVENTS = ("created", "requested", "approved", "declined", "cancelled", "reminder", "waitlist_offer", "maintenance")
+BOOKING_EVENTS = (
+    "created", "requested", "approved", "declined", "cancelled", "reminder", "waitlist_offer", "maintenance",
+)
+# Service orders mail through orders.notify, which asks `wants` with these keys.
+ORDER_EVENTS = ("order_status", "order_staff", "order_message")
+EVENTS = BOOKING_EVENTS + ORDER_EVENTS
 EVENT_LABELS = {
+    "order_status": N_("One of my service orders changes status"),
+    "order_staff": N_("An order of a facility I work for needs attention"),
+    "order_message": N_("A new message about a service order"),
     "created": N_("A booking is confirmed"),
     "requested": N_("A booking request awaits approval"),
     "approved": N_("A booking request is approved"),
@@ -110,8 +118,8 @@ def _discriminator(event: str, booking: Booking, data: Mapping[str, Any]) -> str
 
 def notify(session: Session, event: str, booking: Booking, **data: Any) -> None:
     """Queue the notification of `event` about `booking`; it is sent after the commit by the job runner."""
-    if event not in EVENTS:
-        raise ValueError(f"unknown notification event {event!r}")
+    if event not in BOOKING_EVENTS:
+        raise ValueError(f"unknown booking notification event {event!r}")
     # A waitlist offer names the freed booking but goes to the waiting user (`user_id`).
     recipient = int(data.get("user_id") or booking.user_id)
     if booking.kind == BookingKind.maintenance and "user_id" not in data:

@@ -13,8 +13,8 @@ from sqlalchemy.orm import Session
 
 from labcommons.actor import Actor
 from labcommons.db import Database
-from labcommons.http import get_db, require_scope
-from labcommons.idempotency import Outcome, fingerprint, run_idempotent
+from labcommons.http import Id, get_db, idempotent_post, require_scope
+from labcommons.idempotency import Outcome
 from labcommons.identity import roles
 from labcommons.identity.roles import Action
 from labcommons.orders import messages, quotes, ratings, service
@@ -71,17 +71,6 @@ StaffWriter = Annotated[Actor, Depends(_staff_writer)]
 StaffReader = Annotated[Actor, Depends(_staff_reader)]
 
 
-def _json(outcome: Outcome) -> JSONResponse:
-    headers = {"Idempotent-Replayed": "true"} if outcome.replayed else None
-    return JSONResponse(outcome.body, status_code=outcome.status_code, headers=headers)
-
-
-def _idempotent(request: Request, db: Database, actor: Actor, key: str | None, payload: Any,
-                work: Any) -> JSONResponse:
-    print_ = fingerprint("POST", request.url.path, payload)
-    return _json(run_idempotent(db, actor.user_id, key, print_, work))
-
-
 def order_detail(session: Session, actor: Actor, order: ServiceOrder) -> OrderDetail:
     """The order as its user or staff sees it: what they may do next, the current quote, counts, rating."""
     sides = service.parties_of(actor, order)
@@ -122,7 +111,7 @@ def create_order(body: OrderCreate, request: Request, actor: Writer, db: Db,
             service.transition(session, actor, order.id, OrderStatus.submitted)
         return Outcome(201, _detail_of(session, actor, order.id))
 
-    return _idempotent(request, db, actor, idempotency_key, body.model_dump(mode="json"), work)
+    return idempotent_post(request, db, actor, idempotency_key, body.model_dump(mode="json"), work)
 
 
 @router.get("/orders", response_model=OrderPage, responses=ERRORS)
@@ -152,14 +141,14 @@ def staff_queue(
 
 
 @router.get("/orders/{order_id}", response_model=OrderDetail, responses=ERRORS)
-def get_order(order_id: int, actor: Reader, db: Db) -> OrderDetail:
+def get_order(order_id: Id, actor: Reader, db: Db) -> OrderDetail:
     """One order of the caller or of a facility they work for; anyone else's is 404."""
     with db.unit_of_work(write=False) as session:
         return order_detail(session, actor, service.get_order(session, actor, order_id))
 
 
 @router.post("/orders/{order_id}/transitions", response_model=OrderDetail, responses=ERRORS)
-def transition(order_id: int, body: TransitionCreate, request: Request, actor: Writer, db: Db,
+def transition(order_id: Id, body: TransitionCreate, request: Request, actor: Writer, db: Db,
                idempotency_key: IdempotencyKey = None) -> JSONResponse:
     """Move the order to status `to`. 409 `illegal_transition` lists the caller's `allowed` targets; pass
     `expected_version` to refuse with 409 `order_changed` if someone moved it meanwhile."""
@@ -169,11 +158,11 @@ def transition(order_id: int, body: TransitionCreate, request: Request, actor: W
                            expected_version=body.expected_version)
         return Outcome(200, _detail_of(session, actor, order_id))
 
-    return _idempotent(request, db, actor, idempotency_key, body.model_dump(mode="json"), work)
+    return idempotent_post(request, db, actor, idempotency_key, body.model_dump(mode="json"), work)
 
 
 @router.get("/orders/{order_id}/events", response_model=EventList, responses=ERRORS)
-def list_events(order_id: int, actor: Reader, db: Db) -> EventList:
+def list_events(order_id: Id, actor: Reader, db: Db) -> EventList:
     """The order's history, oldest first: every status change with who, when and why."""
     with db.unit_of_work(write=False) as session:
         events = service.events_of(session, service.get_order(session, actor, order_id))
@@ -185,14 +174,14 @@ def list_events(order_id: int, actor: Reader, db: Db) -> EventList:
 
 
 @router.get("/orders/{order_id}/quotes", response_model=QuoteList, responses=ERRORS)
-def list_quotes(order_id: int, actor: Reader, db: Db) -> QuoteList:
+def list_quotes(order_id: Id, actor: Reader, db: Db) -> QuoteList:
     """Every quote version of the order, newest first."""
     with db.unit_of_work(write=False) as session:
         return QuoteList(items=[QuoteRead.of(q) for q in quotes.list_quotes(session, actor, order_id)])
 
 
 @router.post("/orders/{order_id}/quotes", status_code=201, response_model=QuoteRead, responses=ERRORS)
-def issue_quote(order_id: int, body: QuoteCreate, request: Request, actor: StaffWriter, db: Db,
+def issue_quote(order_id: Id, body: QuoteCreate, request: Request, actor: StaffWriter, db: Db,
                 idempotency_key: IdempotencyKey = None) -> JSONResponse:
     """Offer a quote (facility staff) for a submitted order, or a new version replacing the one on offer."""
 
@@ -201,11 +190,11 @@ def issue_quote(order_id: int, body: QuoteCreate, request: Request, actor: Staff
                                    expected_version=body.expected_version)
         return Outcome(201, QuoteRead.of(quote).model_dump(mode="json"))
 
-    return _idempotent(request, db, actor, idempotency_key, body.model_dump(mode="json"), work)
+    return idempotent_post(request, db, actor, idempotency_key, body.model_dump(mode="json"), work)
 
 
 @router.post("/orders/{order_id}/quotes/{quote_id}/accept", response_model=OrderDetail, responses=ERRORS)
-def accept_quote(order_id: int, quote_id: int, request: Request, actor: Writer, db: Db,
+def accept_quote(order_id: Id, quote_id: Id, request: Request, actor: Writer, db: Db,
                  idempotency_key: IdempotencyKey = None) -> JSONResponse:
     """Accept the quote on offer (the order's user); 409 `quote_expired` past its validity."""
 
@@ -213,11 +202,11 @@ def accept_quote(order_id: int, quote_id: int, request: Request, actor: Writer, 
         quotes.accept_quote(session, actor, order_id, quote_id)
         return Outcome(200, _detail_of(session, actor, order_id))
 
-    return _idempotent(request, db, actor, idempotency_key, None, work)
+    return idempotent_post(request, db, actor, idempotency_key, None, work)
 
 
 @router.post("/orders/{order_id}/quotes/{quote_id}/decline", response_model=OrderDetail, responses=ERRORS)
-def decline_quote(order_id: int, quote_id: int, request: Request, actor: Writer, db: Db,
+def decline_quote(order_id: Id, quote_id: Id, request: Request, actor: Writer, db: Db,
                   body: QuoteDecline | None = None, idempotency_key: IdempotencyKey = None) -> JSONResponse:
     """Decline the quote on offer (the order's user), with an optional reason; the order awaits a new quote."""
     reason = body.reason if body is not None else ""
@@ -226,21 +215,21 @@ def decline_quote(order_id: int, quote_id: int, request: Request, actor: Writer,
         quotes.decline_quote(session, actor, order_id, quote_id, reason)
         return Outcome(200, _detail_of(session, actor, order_id))
 
-    return _idempotent(request, db, actor, idempotency_key, {"reason": reason}, work)
+    return idempotent_post(request, db, actor, idempotency_key, {"reason": reason}, work)
 
 
 # --- messages and rating --------------------------------------------------------------------------------------
 
 
 @router.get("/orders/{order_id}/messages", response_model=MessageList, responses=ERRORS)
-def list_messages(order_id: int, actor: Reader, db: Db) -> MessageList:
+def list_messages(order_id: Id, actor: Reader, db: Db) -> MessageList:
     """The order's message thread, oldest first."""
     with db.unit_of_work(write=False) as session:
         return MessageList(items=[MessageRead.of(v) for v in messages.list_messages(session, actor, order_id)])
 
 
 @router.post("/orders/{order_id}/messages", status_code=201, response_model=MessageRead, responses=ERRORS)
-def post_message(order_id: int, body: MessageCreate, request: Request, actor: Writer, db: Db,
+def post_message(order_id: Id, body: MessageCreate, request: Request, actor: Writer, db: Db,
                  idempotency_key: IdempotencyKey = None) -> JSONResponse:
     """Write to the order's thread; the other side is e-mailed."""
 
@@ -249,11 +238,11 @@ def post_message(order_id: int, body: MessageCreate, request: Request, actor: Wr
         view = messages.MessageView(message, service.user_names(session, [actor.user_id]).get(actor.user_id, ""))
         return Outcome(201, MessageRead.of(view).model_dump(mode="json"))
 
-    return _idempotent(request, db, actor, idempotency_key, body.model_dump(mode="json"), work)
+    return idempotent_post(request, db, actor, idempotency_key, body.model_dump(mode="json"), work)
 
 
 @router.post("/orders/{order_id}/rating", status_code=201, response_model=RatingRead, responses=ERRORS)
-def rate_order(order_id: int, body: RatingCreate, request: Request, actor: Writer, db: Db,
+def rate_order(order_id: Id, body: RatingCreate, request: Request, actor: Writer, db: Db,
                idempotency_key: IdempotencyKey = None) -> JSONResponse:
     """Rate a closed order (its user, once: 409 `already_rated` afterwards)."""
 
@@ -261,4 +250,4 @@ def rate_order(order_id: int, body: RatingCreate, request: Request, actor: Write
         rating = ratings.rate_order(session, actor, order_id, body.score, body.comment)
         return Outcome(201, RatingRead.of(rating).model_dump(mode="json"))
 
-    return _idempotent(request, db, actor, idempotency_key, body.model_dump(mode="json"), work)
+    return idempotent_post(request, db, actor, idempotency_key, body.model_dump(mode="json"), work)

@@ -27,19 +27,9 @@ S = OrderStatus
 JOB_KIND = "order_mail"
 
 
-def N_(message: str) -> str:
-    """Mark a message for the catalogue; it is translated where shown."""
-    return message
-
-
-# Preference keys checked with notifications.wants (no stored choice means "yes"). They are not in
-# notifications.EVENTS yet, so the settings page does not offer them; see ORDER_EVENT_LABELS for its labels.
-ORDER_EVENTS = ("order_status", "order_staff", "order_message")
-ORDER_EVENT_LABELS = {
-    "order_status": N_("One of my service orders changes status"),
-    "order_staff": N_("An order of a facility I work for needs attention"),
-    "order_message": N_("A new message about a service order"),
-}
+# Preference keys checked with notifications.wants (no stored choice means "yes"); offered with their labels on
+# /account/notifications (notifications.EVENT_LABELS).
+ORDER_EVENTS = notifications.ORDER_EVENTS
 
 _mail_templates = Environment(
     loader=FileSystemLoader(str(Path(__file__).parent / "templates" / "orders" / "mail")),

@@ -14,7 +14,7 @@ from labcommons.actor import Actor
 from labcommons.catalog.models import PriceUnit, Service
 from labcommons.db import Database
 from labcommons.errors import Conflict, DomainError, Forbidden, InvalidInput
-from labcommons.http import get_db
+from labcommons.http import Id, get_db
 from labcommons.i18n import gettext_ as _
 from labcommons.identity import roles
 from labcommons.identity.roles import Action
@@ -132,6 +132,12 @@ def parse_int(text: str, field: str, default: int | None = None) -> int:
     return int(text)
 
 
+def form_version(text: str) -> int | None:
+    """The order version a form was rendered at (its hidden expected_version), None when it is not a number."""
+    text = text.strip()
+    return int(text) if re.fullmatch(r"\d{1,9}", text) else None
+
+
 def parse_day(text: str, field: str) -> date | None:
     """A YYYY-MM-DD date as typed; None for a blank field."""
     text = text.strip()
@@ -159,7 +165,7 @@ def _order_form(request: Request, svc: Service, form: dict[str, str], status_cod
 
 
 @router.get("/services/{service_id}/order", response_class=HTMLResponse)
-def order_form(service_id: int, request: Request, db: Annotated[Database, Depends(get_db)]) -> HTMLResponse:
+def order_form(service_id: Id, request: Request, db: Annotated[Database, Depends(get_db)]) -> HTMLResponse:
     """The form ordering a service, with its sample requirements and price."""
     actor = require_actor(request)
     roles.require(actor, Action.order_service)
@@ -170,7 +176,7 @@ def order_form(service_id: int, request: Request, db: Annotated[Database, Depend
 
 @router.post("/services/{service_id}/order", response_model=None)
 def place_order(
-    service_id: int, request: Request, db: Annotated[Database, Depends(get_db)],
+    service_id: Id, request: Request, db: Annotated[Database, Depends(get_db)],
     csrf_token: Annotated[str, Form()] = "", title: Annotated[str, Form()] = "",
     description: Annotated[str, Form()] = "", sample_count: Annotated[str, Form()] = "",
     sample_description: Annotated[str, Form()] = "", wanted_by: Annotated[str, Form()] = "",
@@ -326,7 +332,7 @@ def _order_page(request: Request, db: Database, actor: Actor, order_id: int, sta
 
 
 @router.get("/orders/{order_id}", response_class=HTMLResponse)
-def order_page(order_id: int, request: Request, db: Annotated[Database, Depends(get_db)]) -> HTMLResponse:
+def order_page(order_id: Id, request: Request, db: Annotated[Database, Depends(get_db)]) -> HTMLResponse:
     """One order: progress, timeline, quote, samples, results, messages and the actions the user may take."""
     return _order_page(request, db, require_actor(request), order_id)
 
@@ -341,14 +347,14 @@ def _refused(order_id: int, exc: DomainError, anchor: str = "") -> Response:
 
 @router.post("/orders/{order_id}/transitions", response_model=None)
 def move_order(
-    order_id: int, request: Request, db: Annotated[Database, Depends(get_db)],
+    order_id: Id, request: Request, db: Annotated[Database, Depends(get_db)],
     csrf_token: Annotated[str, Form()] = "", to: Annotated[str, Form(max_length=32)] = "",
     comment: Annotated[str, Form()] = "", expected_version: Annotated[str, Form()] = "",
 ) -> Response:
     """Take one step of the order's life (submit, cancel, start work, ...) with an optional comment."""
     actor = require_actor(request)
     check_csrf(request, csrf_token)
-    version = int(expected_version) if expected_version.strip().isdigit() else None
+    version = form_version(expected_version)
     try:
         with db.unit_of_work() as session:
             order = service.transition(session, actor, order_id, to, comment=comment, expected_version=version)
@@ -363,7 +369,7 @@ def move_order(
 
 @router.post("/orders/{order_id}/quotes", response_model=None)
 def issue_quote(
-    order_id: int, request: Request, db: Annotated[Database, Depends(get_db)],
+    order_id: Id, request: Request, db: Annotated[Database, Depends(get_db)],
     csrf_token: Annotated[str, Form()] = "",
     line_description: Annotated[list[str] | None, Form()] = None,
     line_quantity: Annotated[list[str] | None, Form()] = None,
@@ -382,7 +388,7 @@ def issue_quote(
               "price": prices[i] if i < len(prices) else ""} for i in range(rows)]
     form = {"lines": typed + [{"description": "", "quantity": "", "price": ""}] * max(0, QUOTE_FORM_ROWS - rows),
             "valid_until": valid_until, "note": note}
-    version = int(expected_version) if expected_version.strip().isdigit() else None
+    version = form_version(expected_version)
     try:
         lines = []
         for i, row in enumerate(typed):
@@ -407,7 +413,7 @@ def issue_quote(
 
 @router.post("/orders/{order_id}/quotes/{quote_id}/accept", response_model=None)
 def accept_quote(
-    order_id: int, quote_id: int, request: Request, db: Annotated[Database, Depends(get_db)],
+    order_id: Id, quote_id: Id, request: Request, db: Annotated[Database, Depends(get_db)],
     csrf_token: Annotated[str, Form()] = "",
 ) -> Response:
     """Accept the quote on offer (the order's user)."""
@@ -425,7 +431,7 @@ def accept_quote(
 
 @router.post("/orders/{order_id}/quotes/{quote_id}/decline", response_model=None)
 def decline_quote(
-    order_id: int, quote_id: int, request: Request, db: Annotated[Database, Depends(get_db)],
+    order_id: Id, quote_id: Id, request: Request, db: Annotated[Database, Depends(get_db)],
     csrf_token: Annotated[str, Form()] = "", reason: Annotated[str, Form()] = "",
 ) -> Response:
     """Decline the quote on offer (the order's user); the facility may send another."""
@@ -444,7 +450,7 @@ def decline_quote(
 
 @router.post("/orders/{order_id}/messages", response_model=None)
 def post_message(
-    order_id: int, request: Request, db: Annotated[Database, Depends(get_db)],
+    order_id: Id, request: Request, db: Annotated[Database, Depends(get_db)],
     csrf_token: Annotated[str, Form()] = "", body: Annotated[str, Form()] = "",
 ) -> Response:
     """Write to the order's thread; the other side is e-mailed."""
@@ -461,7 +467,7 @@ def post_message(
 
 @router.post("/orders/{order_id}/rating", response_model=None)
 def rate_order(
-    order_id: int, request: Request, db: Annotated[Database, Depends(get_db)],
+    order_id: Id, request: Request, db: Annotated[Database, Depends(get_db)],
     csrf_token: Annotated[str, Form()] = "", score: Annotated[str, Form()] = "",
     comment: Annotated[str, Form()] = "",
 ) -> Response:

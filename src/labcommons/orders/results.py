@@ -240,7 +240,11 @@ def new_key(order_id: int) -> str:
 
 def spool_dir() -> str | None:
     """Where uploads are spooled (`result_tmp_dir`; None: the system's temporary directory)."""
-    return get_settings().result_tmp_dir or None
+    chosen = get_settings().result_tmp_dir
+    if not chosen:
+        return None
+    os.makedirs(chosen, exist_ok=True)  # a configured directory that does not exist yet is made, not a 500
+    return chosen
 
 
 def put_upload(store: ResultStore, meta: UploadMeta, stream: UploadStream, *, order_id: int,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import re
 import unicodedata
 from collections.abc import AsyncIterator, Iterator
 from datetime import datetime
@@ -18,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from labcommons.actor import Actor
 from labcommons.db import Database
 from labcommons.errors import InvalidInput
-from labcommons.http import get_db, require_scope
+from labcommons.http import Id, get_db, require_scope
 from labcommons.identity import roles
 from labcommons.identity.roles import Action
 from labcommons.orders import results
@@ -79,7 +80,7 @@ def content_length(request: Request) -> int | None:
     raw = request.headers.get("content-length")
     if raw is None:
         return None
-    if not raw.strip().isdigit():
+    if not re.fullmatch(r"[0-9]{1,20}", raw.strip()):
         raise InvalidInput("Content-Length must be a whole number.", field="Content-Length",
                            code="invalid_content_length")
     return int(raw)
@@ -145,7 +146,7 @@ def file_response(row: ResultFile, chunks: Iterator[bytes]) -> StreamingResponse
                                                                                       "format": "binary"}}}}},
 )
 async def upload_result(
-    order_id: int,
+    order_id: Id,
     request: Request,
     actor: Writer,
     db: Annotated[Database, Depends(get_db)],
@@ -173,7 +174,7 @@ async def upload_result(
 
 
 @router.get("/orders/{order_id}/results", response_model=ResultList, responses=ERRORS)
-def list_order_results(order_id: int, actor: Reader, db: Annotated[Database, Depends(get_db)]) -> ResultList:
+def list_order_results(order_id: Id, actor: Reader, db: Annotated[Database, Depends(get_db)]) -> ResultList:
     """The order's result files, newest first: staff see withdrawn ones too, the customer the delivered ones."""
     with db.unit_of_work(write=False) as session:
         _order, rows = results.visible_results(session, actor, order_id)
@@ -185,7 +186,7 @@ def list_order_results(order_id: int, actor: Reader, db: Annotated[Database, Dep
         200: {"description": "The file's bytes", "content": {"application/octet-stream": {}}}, **ERRORS},
     response_class=StreamingResponse,
 )
-def download_result(order_id: int, file_id: int, request: Request, actor: Reader,
+def download_result(order_id: Id, file_id: Id, request: Request, actor: Reader,
                     db: Annotated[Database, Depends(get_db)]) -> StreamingResponse:
     """Download a result file, streamed; `X-Content-SHA256` (and `Digest`, `ETag`) carry its checksum."""
     with db.unit_of_work(write=False) as session:
@@ -194,7 +195,7 @@ def download_result(order_id: int, file_id: int, request: Request, actor: Reader
 
 
 @router.post("/orders/{order_id}/results/{file_id}/withdraw", response_model=ResultRead, responses=ERRORS)
-def withdraw_order_result(order_id: int, file_id: int, actor: Writer,
+def withdraw_order_result(order_id: Id, file_id: Id, actor: Writer,
                           db: Annotated[Database, Depends(get_db)]) -> ResultRead:
     """Withdraw a result file as the facility's staff: the customer no longer sees it; the record stays."""
     with db.unit_of_work() as session:

@@ -15,9 +15,9 @@ from labcommons import i18n
 from labcommons.actor import Actor
 from labcommons.config import get_settings
 from labcommons.db import Database
-from labcommons.http import get_db, require_scope
+from labcommons.http import Id, get_db, idempotent_post, require_scope
 from labcommons.i18n import gettext_ as _
-from labcommons.idempotency import Outcome, fingerprint, run_idempotent
+from labcommons.idempotency import Outcome
 from labcommons.orders import labels, samples, service
 from labcommons.orders.models import CustodyEvent, Sample, SampleEvent, SampleStatus, ServiceOrder
 
@@ -111,13 +111,8 @@ def _read_all(session: Session, actor: Actor, order: ServiceOrder,
     return [SampleRead.of(s, order, events, names, staff) for s, events in rows]
 
 
-def _json(outcome: Outcome) -> JSONResponse:
-    headers = {"Idempotent-Replayed": "true"} if outcome.replayed else None
-    return JSONResponse(outcome.body, status_code=outcome.status_code, headers=headers)
-
-
 @router.get("/orders/{order_id}/samples", response_model=SampleList, responses=ERRORS)
-def list_order_samples(order_id: int, actor: Reader, db: Annotated[Database, Depends(get_db)]) -> SampleList:
+def list_order_samples(order_id: Id, actor: Reader, db: Annotated[Database, Depends(get_db)]) -> SampleList:
     """The samples of an order with their custody trail, for its customer and the facility's staff."""
     with db.unit_of_work(write=False) as session:
         order, rows = samples.list_samples(session, actor, order_id)
@@ -126,7 +121,7 @@ def list_order_samples(order_id: int, actor: Reader, db: Annotated[Database, Dep
 
 @router.post("/orders/{order_id}/samples", status_code=201, response_model=SampleList, responses=ERRORS)
 def register_samples(
-    order_id: int,
+    order_id: Id,
     body: SampleCreate,
     request: Request,
     actor: Writer,
@@ -146,8 +141,7 @@ def register_samples(
         items = _read_all(session, actor, order, rows)
         return Outcome(201, SampleList(items=items).model_dump(mode="json"))
 
-    print_ = fingerprint("POST", request.url.path, body.model_dump(mode="json"))
-    return _json(run_idempotent(db, actor.user_id, idempotency_key, print_, work))
+    return idempotent_post(request, db, actor, idempotency_key, body.model_dump(mode="json"), work)
 
 
 # Declared before /samples/{sample_id}: "by-code" is not a sample id.
@@ -162,7 +156,7 @@ def sample_by_code(
 
 
 @router.get("/samples/{sample_id}", response_model=SampleRead, responses=ERRORS)
-def get_sample(sample_id: int, actor: Reader, db: Annotated[Database, Depends(get_db)]) -> SampleRead:
+def get_sample(sample_id: Id, actor: Reader, db: Annotated[Database, Depends(get_db)]) -> SampleRead:
     """One sample with its chain of custody (who, when, where)."""
     with db.unit_of_work(write=False) as session:
         sample, order, events = samples.get_sample(session, actor, sample_id)
@@ -171,7 +165,7 @@ def get_sample(sample_id: int, actor: Reader, db: Annotated[Database, Depends(ge
 
 @router.post("/samples/{sample_id}/events", status_code=201, response_model=SampleRead, responses=ERRORS)
 def record_custody_event(
-    sample_id: int,
+    sample_id: Id,
     body: CustodyEventCreate,
     request: Request,
     actor: Writer,
@@ -187,15 +181,14 @@ def record_custody_event(
         read = _read_all(session, actor, order, [(sample, samples.custody_events(session, sample))])[0]
         return Outcome(201, read.model_dump(mode="json"))
 
-    print_ = fingerprint("POST", request.url.path, body.model_dump(mode="json"))
-    return _json(run_idempotent(db, actor.user_id, idempotency_key, print_, work))
+    return idempotent_post(request, db, actor, idempotency_key, body.model_dump(mode="json"), work)
 
 
 @router.get(
     "/samples/{sample_id}/label.svg", response_class=Response, responses={
         **ERRORS, 200: {"content": {"image/svg+xml": {}}, "description": "A 62 mm × 29 mm label"}},
 )
-def sample_label(sample_id: int, actor: Reader, db: Annotated[Database, Depends(get_db)]) -> Response:
+def sample_label(sample_id: Id, actor: Reader, db: Annotated[Database, Depends(get_db)]) -> Response:
     """The sample's printable label as SVG: QR code, Code 128 barcode, code, order number, description, date."""
     with db.unit_of_work(write=False) as session:
         sample, order, events = samples.get_sample(session, actor, sample_id)

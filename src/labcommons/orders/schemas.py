@@ -7,6 +7,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
+from labcommons.db import MAX_ID
 from labcommons.orders import quotes as quote_rules
 from labcommons.orders.messages import MAX_LENGTH as MESSAGE_MAX
 from labcommons.orders.messages import MessageView
@@ -28,7 +29,7 @@ class OrderCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    service_id: int = Field(gt=0)
+    service_id: int = Field(gt=0, le=MAX_ID)
     title: str = Field(min_length=1, max_length=200)
     description: str = Field(default="", max_length=20000)
     sample_count: StrictInt = Field(default=0, ge=0, le=10000)

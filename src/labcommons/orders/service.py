@@ -22,7 +22,7 @@ from labcommons.identity import roles
 from labcommons.identity.models import Role, User
 from labcommons.identity.roles import Action, FacilityRef
 from labcommons.orders.models import OrderEvent, OrderMessage, OrderStatus, ResultFile, Sample, ServiceOrder
-from labcommons.pagination import decode_cursor, encode_cursor
+from labcommons.pagination import decode_keyset, encode_cursor
 
 S = OrderStatus
 # Facilities work on China Standard Time: "today" for wanted-by dates and quote validity is their day.
@@ -452,9 +452,7 @@ def _with_parts(stmt: Any) -> Any:
 def _page(session: Session, stmt: Any, limit: int, cursor: str | None) -> tuple[list[ServiceOrder], str | None]:
     """Newest first by id, keyset-paged (ids only grow, so the order is creation order)."""
     if cursor:
-        (last_id,) = decode_cursor(cursor, 1)
-        if not isinstance(last_id, int):
-            raise InvalidInput("The cursor is not valid.", field="cursor", code="invalid_cursor")
+        _rank, last_id = decode_keyset(cursor)
         stmt = stmt.where(ServiceOrder.id < last_id)
     rows = list(session.scalars(_with_parts(stmt).order_by(ServiceOrder.id.desc()).limit(limit + 1)).unique())
     if len(rows) > limit:
