@@ -158,10 +158,12 @@ def test_the_fragment_for_staff() -> None:
 
 
 def test_the_fragment_for_the_customer() -> None:
-    files = [fake_file(1), fake_file(2, withdrawn=True, name="old.pdf")]
-    before = render_fragment(OrderStatus.in_progress, files, is_staff=False)
+    # The page passes what orders.results.results_for gives the customer: nothing before delivery, then the live
+    # files (the withdrawn old.pdf is left out).
+    before = render_fragment(OrderStatus.in_progress, [], is_staff=False)
     assert "/orders/7/results/1" not in before and "appear here once the facility delivers" in before
     assert "<form" not in before
+    files = [fake_file(1)]
     after = render_fragment(OrderStatus.results_delivered, files, is_staff=False)
     assert 'href="/orders/7/results/1"' in after and "old.pdf" not in after and "<form" not in after
     chinese = render_fragment(OrderStatus.results_delivered, files, is_staff=False, locale="zh_CN")

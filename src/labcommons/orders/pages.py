@@ -299,7 +299,7 @@ def _order_page(request: Request, db: Database, actor: Actor, order_id: int, sta
         current = quotes.current_quote(session, order)
         rating = ratings.rating_of(session, order)
         sample_rows = samples.samples_with_events(session, order)
-        result_rows = results.list_results(session, order, include_withdrawn=is_staff)
+        result_rows = results.results_for(session, order, staff=is_staff)
         sample_actors = samples.sample_actor_names(session, sample_rows)
         result_uploaders = results.result_uploaders(session, result_rows)
         steps = []
@@ -320,12 +320,12 @@ def _order_page(request: Request, db: Database, actor: Actor, order_id: int, sta
         request, "orders/order.html", status_code, page_path=f"/orders/{order_id}", order=order,
         is_staff=is_staff, is_customer=is_customer, events=events, names=names, thread=thread,
         quotes=all_quotes, current_quote=current,
-        quote_expired=current is not None and current.status == QuoteStatus.offered and current.valid_until < today,
+        quote_expired=current is not None and current.status == QuoteStatus.offered
+        and quotes.is_expired(current, today),
         quote_status_label=lambda s: _(QUOTE_STATUS_LABELS[QuoteStatus(s)]), rating=rating,
-        can_rate=is_customer and order.status == S.closed and rating is None,
-        may_quote=is_staff and order.status in (S.submitted, S.quoted),
-        may_decide=is_customer and order.status == S.quoted and current is not None
-        and current.status == QuoteStatus.offered,
+        can_rate=is_customer and ratings.may_rate(order, rating),
+        may_quote=is_staff and quotes.may_quote(order),
+        may_decide=is_customer and quotes.may_decide(order, current),
         steps=steps, progress=_progress(order.status, order.held_from, events), samples=sample_rows,
         results=result_rows, sample_actors=sample_actors, result_uploaders=result_uploaders, **context,
     )

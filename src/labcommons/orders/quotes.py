@@ -115,6 +115,20 @@ def is_expired(quote: Quote, today: date | None = None) -> bool:
     return quote.valid_until < (today or service.facility_today())
 
 
+# Staff quote a submitted order, or replace the offer of a quoted one.
+QUOTABLE = frozenset({S.submitted, S.quoted})
+
+
+def may_quote(order: ServiceOrder) -> bool:
+    """Whether the order's status lets staff send a (new) quote."""
+    return order.status in QUOTABLE
+
+
+def may_decide(order: ServiceOrder, quote: Quote | None) -> bool:
+    """Whether the user can accept or decline `quote` now: it is on offer for a quoted order."""
+    return order.status == S.quoted and quote is not None and quote.status == QuoteStatus.offered
+
+
 # --- writing ---------------------------------------------------------------------------------------------------
 
 
@@ -157,7 +171,7 @@ def issue_quote(
     version (recorded as quoted → quoted). 409 illegal_transition in other statuses."""
     order = service.get_order(session, actor, order_id, staff=True, for_update=True)
     sides = service.parties_of(actor, order)
-    if order.status not in (S.submitted, S.quoted):
+    if not may_quote(order):
         raise IllegalTransition(
             f"An order that is {order.status.value} cannot be quoted.", field="to", status=order.status.value,
             allowed=service.allowed_transitions(order, sides, include_via=False),

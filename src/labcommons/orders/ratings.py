@@ -25,6 +25,11 @@ def rating_of(session: Session, order: ServiceOrder) -> OrderRating | None:
     return session.scalars(select(OrderRating).where(OrderRating.order_id == order.id)).first()
 
 
+def may_rate(order: ServiceOrder, rating: OrderRating | None) -> bool:
+    """Whether the order can still be rated: it is closed and not rated yet (the customer check is separate)."""
+    return order.status == OrderStatus.closed and rating is None
+
+
 def rate_order(session: Session, actor: Actor, order_id: int, score: int, comment: str = "") -> OrderRating:
     """Rate a closed order as its user (once: 409 already_rated for a second attempt)."""
     order = service.get_order(session, actor, order_id)

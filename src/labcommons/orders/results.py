@@ -98,15 +98,30 @@ def customer_may_download(order: ServiceOrder) -> bool:
     return order.status in DELIVERED_STATUSES
 
 
-def visible_results(session: Session, actor: Actor, order_id: int) -> tuple[ServiceOrder, list[ResultFile]]:
-    """The files of an order the actor may see: staff all (withdrawn too), the customer the live ones once
-    delivered (none before); NotFound for anyone else."""
-    order = get_order(session, actor, order_id)
-    if Party.staff in parties_of(actor, order):
-        return order, list_results(session, order, include_withdrawn=True)
+def may_upload(order: ServiceOrder) -> bool:
+    """Whether the order's status takes new result files (staff permission is checked separately)."""
+    return order.status in UPLOAD_STATUSES
+
+
+def may_withdraw(order: ServiceOrder) -> bool:
+    """Whether files of the order may still be withdrawn (not once it is finished)."""
+    return order.status not in TERMINAL
+
+
+def results_for(session: Session, order: ServiceOrder, *, staff: bool) -> list[ResultFile]:
+    """The files of an order one side may see: staff all (withdrawn too), the customer the live ones once
+    delivered (none before)."""
+    if staff:
+        return list_results(session, order, include_withdrawn=True)
     if not customer_may_download(order):
-        return order, []
-    return order, list_results(session, order)
+        return []
+    return list_results(session, order)
+
+
+def visible_results(session: Session, actor: Actor, order_id: int) -> tuple[ServiceOrder, list[ResultFile]]:
+    """The files of an order the actor may see (see `results_for`); NotFound for anyone else."""
+    order = get_order(session, actor, order_id)
+    return order, results_for(session, order, staff=Party.staff in parties_of(actor, order))
 
 
 def result_uploaders(session: Session, results: Iterable[ResultFile]) -> dict[int, str]:
@@ -295,7 +310,7 @@ def put_upload(store: ResultStore, meta: UploadMeta, stream: UploadStream, *, or
 def check_upload(session: Session, actor: Actor, order_id: int) -> ServiceOrder:
     """The order if the actor is its facility's staff and its status takes uploads; 403/404/409 otherwise."""
     order = get_order(session, actor, order_id, staff=True)
-    if order.status not in UPLOAD_STATUSES:
+    if not may_upload(order):
         raise UploadNotAllowed(f"Results can be uploaded while the order is accepted or in progress, not "
                                f"{order.status.value}.", field="order_id", status=order.status.value,
                                allowed_statuses=sorted(s.value for s in UPLOAD_STATUSES))
@@ -459,7 +474,7 @@ def withdraw_result(session: Session, actor: Actor, order_id: int, file_id: int)
     row = session.get(ResultFile, file_id)
     if row is None or row.order_id != order.id:
         raise NotFound(f"Result file {file_id} does not exist.", field="file_id")
-    if order.status in TERMINAL:
+    if not may_withdraw(order):
         raise OrderFinished(f"The order is {order.status.value}; its results can no longer be withdrawn.",
                             field="order_id", status=order.status.value)
     # Conditional, so two staff withdrawing at once both see a clean outcome.

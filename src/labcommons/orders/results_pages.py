@@ -40,6 +40,9 @@ def file_size(size: int) -> str:
 # The order page's results fragment shows sizes and the upload limit.
 env.globals["file_size"] = file_size
 env.globals["result_max_bytes"] = results.max_bytes
+env.globals["results_may_upload"] = results.may_upload
+env.globals["results_may_withdraw"] = results.may_withdraw
+env.globals["results_delivered"] = results.customer_may_download
 
 
 def _back(order_id: int) -> str:
