@@ -28,7 +28,7 @@ POSTGRES_ADMIN_URL = os.environ.get(
 )
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 # Reference data the migrations load; kept between tests.
-REFERENCE_TABLES = {"category", "alembic_version"}
+REFERENCE_TABLES = {"category", "alembic_version", "voucher_recognition"}
 
 
 def _postgres_admin_reachable() -> str | None:

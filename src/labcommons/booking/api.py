@@ -73,7 +73,8 @@ def create_booking(
 
     def work(session: Session) -> Outcome:
         booking = service.reserve_slot(
-            session, actor, body.instrument_id, body.starts_at, body.ends_at, body.purpose
+            session, actor, body.instrument_id, body.starts_at, body.ends_at, body.purpose,
+            account_id=body.account_id,
         )
         return Outcome(201, BookingRead.of(booking).model_dump(mode="json"))
 

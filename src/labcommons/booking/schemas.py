@@ -9,6 +9,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 from labcommons.booking.models import Booking, BookingStatus
 from labcommons.booking.service import Availability, Slot
 from labcommons.catalog.schemas import InstrumentSummary
+from labcommons.db import MAX_ID
 
 
 class BookingCreate(BaseModel):
@@ -18,6 +19,8 @@ class BookingCreate(BaseModel):
     starts_at: AwareDatetime
     ends_at: AwareDatetime
     purpose: str = Field(default="", max_length=2000)
+    # The funding account to charge when the facility charges; omitted: the caller's only account.
+    account_id: int | None = Field(default=None, gt=0, le=MAX_ID)
 
 
 class BookingRead(BaseModel):

@@ -153,11 +153,15 @@ def reserve_slot(
     purpose: str = "",
     *,
     now: datetime | None = None,
+    account_id: int | None = None,
 ) -> Booking:
     """Book [starts_at, ends_at) on an instrument for the actor; OverlappingBooking if the time is taken.
 
-    A booking of an instrument that needs approval is created pending; it holds its time all the same.
+    A booking of an instrument that needs approval is created pending; it holds its time all the same. When the
+    facility charges, the booking holds its estimated cost on the funding account (`account_id`, or the actor's
+    only account), within the account's and the member's limits.
     """
+    from labcommons.billing import ledger  # billing prices bookings, so it imports this module
     now = now or utcnow()
     instrument = catalog.get_instrument(session, instrument_id)
     check_booking_request(instrument, actor, starts_at, ends_at, purpose, now=now)
@@ -188,6 +192,7 @@ def reserve_slot(
         raise OverlappingBooking(
             "This time overlaps another booking of the instrument.", field="starts_at", conflicts=taken
         ) from exc
+    ledger.booking_created(session, actor, booking, account_id, now=now)
     notify(session, "requested" if status == BookingStatus.pending else "created", booking)
     return booking
 

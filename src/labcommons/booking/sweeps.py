@@ -21,5 +21,10 @@ def booking_sweep(session: Session, payload: dict[str, Any]) -> None:
     no_shows = usage.mark_no_shows(session, now=now)
     expired = waitlist.expire_offers(session, now)
     pruned = jobs.prune(session, now)
+    from labcommons.billing import ledger  # billing imports booking
+
+    charged = ledger.charge_due_bookings(session, now=now)
+    if charged:
+        log.info("booking sweep: %d finished bookings charged", len(charged))
     if no_shows or expired or pruned:
         log.info("booking sweep: %d no-shows, %d offers expired, %d old jobs pruned", len(no_shows), expired, pruned)

@@ -212,6 +212,9 @@ def check_out(session: Session, booking: Booking, *, now: datetime | None = None
     booking.checked_out_at = max(now, booking.checked_in_at)
     booking.status = BookingStatus.completed
     session.flush()
+    from labcommons.billing import ledger  # billing reads usage, so it imports booking
+
+    ledger.charge_booking(session, booking, now=now)
     if now < booking.ends_at:
         # Done early: the rest of the booked time is free again, so the waitlist may have it.
         waitlist.slot_freed(session, booking, now=now)

@@ -73,6 +73,12 @@ class Action(enum.StrEnum):
     order_service = "order_service"
     view_own_orders = "view_own_orders"
     manage_facility_orders = "manage_facility_orders"
+    manage_own_billing = "manage_own_billing"
+    edit_facility_rates = "edit_facility_rates"
+    manage_facility_billing = "manage_facility_billing"
+    manage_institution_accounts = "manage_institution_accounts"
+    issue_vouchers = "issue_vouchers"
+    view_settlement = "view_settlement"
 
 
 @dataclass(frozen=True)
@@ -118,6 +124,25 @@ PERMISSIONS: dict[Action, Rule] = {
     Action.manage_facility_orders: Rule(
         Target.facility, _FAC_STAFF, "Quote, receive samples, deliver results of a facility's orders"
     ),
+    Action.manage_own_billing: Rule(
+        Target.none, _ANY, "Own or join funding accounts, see one's charges and invoices, submit talent cards"
+    ),
+    Action.edit_facility_rates: Rule(Target.facility, _FAC_MANAGER, "Edit a facility's rate cards and billing rules"),
+    Action.manage_facility_billing: Rule(
+        Target.facility, _FAC_STAFF, "See a facility's charges, post manual charges and corrections"
+    ),
+    Action.manage_institution_accounts: Rule(
+        Target.institution, _INST_ADMIN,
+        "Suspend an institution's funding accounts, record deposits, mark invoices paid",
+    ),
+    Action.issue_vouchers: Rule(
+        Target.region, frozenset({Role.region_authority, Role.platform_admin}),
+        "Issue and revoke a region's innovation vouchers, verify its talent cards, set recognition",
+    ),
+    Action.view_settlement: Rule(
+        Target.none, frozenset({Role.institution_admin, Role.region_authority, Role.platform_admin}),
+        "Read the settlement report between institutions and regions",
+    ),
 }
 
 # Which action grants (and revokes) each role, and over which kind of scope the role is held.
@@ -143,6 +168,8 @@ SCOPES: dict[str, str] = {
     "bookings:write": N_("Make and cancel bookings"),
     "orders:read": N_("Read your service orders and their results"),
     "orders:write": N_("Place and move service orders, quote, upload results"),
+    "billing:read": N_("Read your funding accounts, charges and invoices"),
+    "billing:write": N_("Manage funding accounts, rates, vouchers and charges your roles allow"),
     "account": N_("Read your account and manage your API tokens"),
     "admin": N_("Administration your roles allow"),
 }
@@ -320,6 +347,93 @@ ROUTES: dict[tuple[str, str], Access] = {
     ("POST", "/orders/{order_id}/results"): Action.manage_facility_orders,
     ("GET", "/orders/{order_id}/results/{file_id}"): Action.view_own_orders,
     ("POST", "/orders/{order_id}/results/{file_id}/withdraw"): Action.manage_facility_orders,
+    # Talent service cards (billing/talent_api.py, billing/talent_pages.py): holders submit cards, the issuing
+    # region's authority verifies them and sets what they entitle to; which region is decided in billing.talent.
+    ("GET", "/api/v1/billing/talent-schemes"): "public",
+    ("POST", "/api/v1/billing/talent-entitlements"): Action.issue_vouchers,
+    ("DELETE", "/api/v1/billing/talent-entitlements/{entitlement_id}"): Action.issue_vouchers,
+    ("GET", "/api/v1/billing/talent-cards"): Action.manage_own_billing,
+    ("POST", "/api/v1/billing/talent-cards"): Action.manage_own_billing,
+    ("GET", "/api/v1/billing/talent-cards/queue"): Action.issue_vouchers,
+    ("POST", "/api/v1/billing/talent-cards/{card_id}/verify"): Action.issue_vouchers,
+    ("POST", "/api/v1/billing/talent-cards/{card_id}/reject"): Action.issue_vouchers,
+    ("POST", "/api/v1/billing/talent-cards/{card_id}/revoke"): Action.issue_vouchers,
+    ("GET", "/account/talent-cards"): Action.manage_own_billing,
+    ("POST", "/account/talent-cards"): Action.manage_own_billing,
+    ("GET", "/manage/talent-cards"): Action.issue_vouchers,
+    ("POST", "/manage/talent-cards/{card_id}/verify"): Action.issue_vouchers,
+    ("POST", "/manage/talent-cards/{card_id}/reject"): Action.issue_vouchers,
+    ("POST", "/manage/talent-cards/{card_id}/revoke"): Action.issue_vouchers,
+    ("POST", "/manage/talent-entitlements"): Action.issue_vouchers,
+    ("POST", "/manage/talent-entitlements/{entitlement_id}/remove"): Action.issue_vouchers,
+    # Billing pages (billing/pages.py): accounts are shown to their owners, members and admins (404 otherwise,
+    # decided in billing.accounts); a facility's page needs manage_facility_billing over it, its rate and rule
+    # forms edit_facility_rates; deposits need manage_institution_accounts over the account's institution.
+    ("GET", "/billing"): Action.manage_own_billing,
+    ("POST", "/billing/accounts"): Action.manage_own_billing,
+    ("POST", "/billing/join"): Action.manage_own_billing,
+    ("GET", "/billing/accounts/{account_id}"): Action.manage_own_billing,
+    ("POST", "/billing/accounts/{account_id}/members/{member_id}"): Action.manage_own_billing,
+    ("POST", "/billing/accounts/{account_id}/deposits"): Action.manage_institution_accounts,
+    ("GET", "/manage/billing/facilities/{facility_id}"): Action.manage_facility_billing,
+    ("POST", "/manage/billing/facilities/{facility_id}/rates"): Action.edit_facility_rates,
+    ("POST", "/manage/billing/facilities/{facility_id}/policy"): Action.edit_facility_rates,
+    ("POST", "/manage/billing/facilities/{facility_id}/charges"): Action.manage_facility_billing,
+    ("POST", "/manage/billing/facilities/{facility_id}/charges/{charge_id}/correct"): Action.manage_facility_billing,
+    ("GET", "/manage/vouchers"): Action.issue_vouchers,
+    ("POST", "/manage/vouchers"): Action.issue_vouchers,
+    ("POST", "/manage/vouchers/{voucher_id}/revoke"): Action.issue_vouchers,
+    ("POST", "/manage/vouchers/recognition"): Action.issue_vouchers,
+    # Invoices, statements, the charge export and the settlement report (billing/invoice_api.py,
+    # billing/invoice_pages.py); which invoices, accounts and rows each caller sees is decided in billing.invoices,
+    # billing.exports and billing.settlement.
+    ("GET", "/api/v1/billing/invoices"): Action.manage_own_billing,
+    ("POST", "/api/v1/billing/invoices/generate"): Action.manage_institution_accounts,
+    ("GET", "/api/v1/billing/invoices/{invoice_id}.{fmt}"): Action.manage_own_billing,
+    ("GET", "/api/v1/billing/invoices/{invoice_id}"): Action.manage_own_billing,
+    ("POST", "/api/v1/billing/invoices/{invoice_id}/pay"): Action.manage_institution_accounts,
+    ("GET", "/api/v1/billing/statements/{account_id}/{period}.{fmt}"): Action.manage_own_billing,
+    ("GET", "/api/v1/billing/charges.csv"): Action.manage_own_billing,
+    ("GET", "/api/v1/billing/settlement"): Action.view_settlement,
+    ("GET", "/api/v1/billing/settlement.{fmt}"): Action.view_settlement,
+    ("GET", "/billing/invoices"): Action.manage_own_billing,
+    ("GET", "/billing/invoices/{invoice_id}"): Action.manage_own_billing,
+    ("POST", "/billing/invoices/{invoice_id}/pay"): Action.manage_institution_accounts,
+    ("GET", "/billing/settlement"): Action.view_settlement,
+    # The billing API (billing/api.py): rate cards and rules are public to read; accounts, vouchers and charges
+    # are shown to whom billing.accounts, billing.api and billing.ledger decide (404 for anyone else).
+    ("GET", "/api/v1/billing/facilities/{facility_id}/policy"): "public",
+    ("PUT", "/api/v1/billing/facilities/{facility_id}/policy"): Action.edit_facility_rates,
+    ("GET", "/api/v1/billing/facilities/{facility_id}/rates"): "public",
+    ("POST", "/api/v1/billing/rates"): Action.edit_facility_rates,
+    ("GET", "/api/v1/billing/instruments/{instrument_id}/rates"): "public",
+    ("GET", "/api/v1/billing/services/{service_id}/rates"): "public",
+    ("GET", "/api/v1/billing/instruments/{instrument_id}/price"): Action.manage_own_billing,
+    ("POST", "/api/v1/billing/accounts"): Action.manage_own_billing,
+    ("GET", "/api/v1/billing/accounts"): Action.manage_own_billing,
+    ("POST", "/api/v1/billing/accounts/join"): Action.manage_own_billing,
+    ("GET", "/api/v1/billing/accounts/{account_id}"): Action.manage_own_billing,
+    ("PATCH", "/api/v1/billing/accounts/{account_id}"): Action.manage_own_billing,
+    ("GET", "/api/v1/billing/accounts/{account_id}/summary"): Action.manage_own_billing,
+    ("GET", "/api/v1/billing/accounts/{account_id}/members"): Action.manage_own_billing,
+    ("POST", "/api/v1/billing/accounts/{account_id}/members"): Action.manage_own_billing,
+    ("POST", "/api/v1/billing/members/{member_id}/decision"): Action.manage_own_billing,
+    ("POST", "/api/v1/billing/accounts/{account_id}/deposits"): Action.manage_institution_accounts,
+    ("GET", "/api/v1/billing/accounts/{account_id}/deposits"): Action.manage_own_billing,
+    ("GET", "/api/v1/billing/accounts/{account_id}/charges"): Action.manage_own_billing,
+    ("GET", "/api/v1/billing/accounts/{account_id}/holds"): Action.manage_own_billing,
+    ("GET", "/api/v1/billing/accounts/{account_id}/vouchers"): Action.manage_own_billing,
+    ("POST", "/api/v1/billing/vouchers"): Action.issue_vouchers,
+    ("GET", "/api/v1/billing/vouchers"): Action.issue_vouchers,
+    ("GET", "/api/v1/billing/vouchers/{voucher_id}"): Action.manage_own_billing,
+    ("POST", "/api/v1/billing/vouchers/{voucher_id}/revoke"): Action.issue_vouchers,
+    ("GET", "/api/v1/billing/voucher-recognition"): "public",
+    ("PUT", "/api/v1/billing/voucher-recognition"): Action.issue_vouchers,
+    ("GET", "/api/v1/billing/facilities/{facility_id}/charges"): Action.manage_facility_billing,
+    ("GET", "/api/v1/billing/charges/{charge_id}"): Action.manage_own_billing,
+    ("POST", "/api/v1/billing/charges"): Action.manage_facility_billing,
+    ("POST", "/api/v1/billing/charges/{charge_id}/reversal"): Action.manage_facility_billing,
+    ("POST", "/api/v1/billing/charges/{charge_id}/correction"): Action.manage_facility_billing,
 }
 
 

@@ -105,7 +105,7 @@ def create_order(body: OrderCreate, request: Request, actor: Writer, db: Db,
         order = service.create_order(
             session, actor, body.service_id, title=body.title, description=body.description,
             sample_count=body.sample_count, sample_description=body.sample_description, wanted_by=body.wanted_by,
-            contact_phone=body.contact_phone,
+            contact_phone=body.contact_phone, account_id=body.account_id,
         )
         if body.submit:
             service.transition(session, actor, order.id, OrderStatus.submitted)

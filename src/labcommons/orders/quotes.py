@@ -233,6 +233,9 @@ def accept_quote(session: Session, actor: Actor, order_id: int, quote_id: int, *
                            field="quote_id", valid_until=quote.valid_until.isoformat())
     service.transition(session, actor, order.id, S.accepted, via="accept_quote")
     _decide(session, quote, QuoteStatus.accepted, actor)
+    from labcommons.billing import ledger  # billing reads quotes, so it imports this module
+
+    ledger.quote_accepted(session, order, quote, now=utcnow())
     return quote
 
 
@@ -254,12 +257,18 @@ def auto_quote(session: Session, order: ServiceOrder) -> Quote | None:
     Per-sample prices are multiplied by the sample count (at least one), per-project prices count once; per-hour
     services are left to staff, who know how many hours the work takes.
     """
+    from labcommons.billing import ledger  # billing reads quotes, so it imports this module
+
     svc = order.service
-    if svc.list_price_fen is None or order.status != S.submitted or svc.price_unit == PriceUnit.hour:
+    # The rate card's price for the payer's category (own institution, academic, industry) beats the list price.
+    price = ledger.order_unit_price(session, order)
+    if price is None:
+        price = svc.list_price_fen
+    if price is None or order.status != S.submitted or svc.price_unit == PriceUnit.hour:
         return None
     quantity = max(1, order.sample_count) if svc.price_unit == PriceUnit.sample else 1
     name = svc.name_zh if not svc.name_en or svc.name_en == svc.name_zh else f"{svc.name_zh} / {svc.name_en}"
-    line = LineIn(name[:MAX_DESCRIPTION], quantity, svc.list_price_fen)
+    line = LineIn(name[:MAX_DESCRIPTION], quantity, price)
     valid_until = service.facility_today() + timedelta(days=AUTO_QUOTE_DAYS)
     quote = _insert_quote(session, order, validate_lines([line]), valid_until, "", None)
     service.apply_transition(session, order, S.quoted, actor_id=None, comment=AUTO_QUOTE_COMMENT)

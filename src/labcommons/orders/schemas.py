@@ -37,6 +37,8 @@ class OrderCreate(BaseModel):
     wanted_by: date | None = None
     contact_phone: str = Field(default="", max_length=40)
     submit: bool = False
+    # The funding account to charge when the facility charges; omitted: the caller's only account.
+    account_id: int | None = Field(default=None, gt=0, le=MAX_ID)
 
 
 class OrderRead(BaseModel):

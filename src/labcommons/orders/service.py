@@ -333,6 +333,10 @@ def transition(
     from_status = order.status
     apply_transition(session, order, target, actor_id=actor.user_id, comment=comment,
                      expected_version=expected_version)
+    if target == S.results_delivered:
+        from labcommons.billing import ledger
+
+        ledger.charge_order(session, order)
     if from_status == S.draft and target == S.submitted:
         from labcommons.orders import quotes
 
@@ -384,8 +388,13 @@ def create_order(
     sample_description: str = "",
     wanted_by: date | None = None,
     contact_phone: str = "",
+    account_id: int | None = None,
 ) -> ServiceOrder:
-    """A draft order of an active service by the actor; submitting it is the `submitted` transition."""
+    """A draft order of an active service by the actor; submitting it is the `submitted` transition.
+
+    When the facility charges, the order is tied to the funding account it will be charged to (`account_id`, or
+    the actor's only account); accepting a quote holds its total there, delivering results charges it.
+    """
     roles.require(actor, Action.order_service)
     service = session.get(Service, service_id, options=[joinedload(Service.facility)])
     if service is None or not service.is_active:
@@ -416,6 +425,9 @@ def create_order(
     session.add(OrderEvent(order_id=order.id, version=1, from_status=None, to_status=S.draft,
                            actor_id=actor.user_id, at=order.created_at))
     session.flush()
+    from labcommons.billing import ledger  # billing charges orders, so it imports this module
+
+    ledger.order_account(session, actor, order, account_id, now=utcnow())
     return order
 
 
