@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo test bench lint typecheck serve browser clean
+.PHONY: demo test bench lint typecheck serve browser fonts clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,7 @@ $(VENV)/.stamp-dev: pyproject.toml $(VENV)/.stamp-install
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
-demo: $(VENV)/.stamp-install
+demo: $(VENV)/.stamp-install fonts
 	$(BIN)/labcommons demo --host 127.0.0.1 --port 8000
 
 serve: $(VENV)/.stamp-install
@@ -31,13 +31,20 @@ browser:
 	  if [ "$$(id -u)" = "0" ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
 	  else echo "chromium is missing: run 'sudo apt-get install -y chromium'" >&2; exit 1; fi; }
 
+# Debian's Noto CJK fonts, so the Chinese in invoice PDFs renders (without them it prints as boxes; never fails).
+fonts:
+	@fc-list :lang=zh 2>/dev/null | grep -q . || { \
+	  if [ "$$(id -u)" = "0" ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q fonts-noto-cjk \
+	    || echo "fonts-noto-cjk could not be installed: Chinese in PDFs renders as boxes" >&2; \
+	  else echo "no CJK font: run 'sudo apt-get install -y fonts-noto-cjk' for Chinese in PDFs" >&2; fi; }
+
 lint: $(VENV)/.stamp-dev
 	$(BIN)/ruff check src tests $(wildcard bench)
 
 typecheck: $(VENV)/.stamp-dev
 	$(BIN)/mypy
 
-test: $(VENV)/.stamp-dev browser lint typecheck
+test: $(VENV)/.stamp-dev browser fonts lint typecheck
 	$(BIN)/pytest -n 2 --dist loadgroup
 
 bench: $(VENV)/.stamp-dev

@@ -82,6 +82,12 @@ def create_app(
     api.include_router(orders_api)
     api.include_router(samples_api)
     api.include_router(results_api)
+    from labcommons.billing.talent_api import router as talent_api
+    api.include_router(talent_api)
+    from labcommons.billing.invoice_api import router as invoice_api
+    api.include_router(invoice_api)
+    from labcommons.billing.api import router as billing_api  # after invoice_api: /charges.csv before /charges/{id}
+    api.include_router(billing_api)
 
     @api.get("/health", tags=["ops"])
     def health() -> dict[str, str]:
@@ -122,6 +128,12 @@ def create_app(
     app.include_router(order_pages)
     app.include_router(sample_pages)
     app.include_router(result_pages)
+    from labcommons.billing.talent_pages import router as talent_pages
+    app.include_router(talent_pages)
+    from labcommons.billing.pages import router as billing_pages
+    app.include_router(billing_pages)
+    from labcommons.billing.invoice_pages import router as invoice_pages
+    app.include_router(invoice_pages)
     app.mount("/static", StaticFiles(directory=Path(__file__).parent / "static"), name="static")
 
     @app.middleware("http")

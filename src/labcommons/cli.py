@@ -71,6 +71,15 @@ def _add_result_commands() -> None:
 
 _add_result_commands()
 
+
+def _add_billing_commands() -> None:
+    from labcommons.billing.cli_invoices import billing_app
+
+    app.add_typer(billing_app, name="billing", help="Billing: invoices, settlement, exports.")
+
+
+_add_billing_commands()
+
 _database = database
 _fail = fail
 
@@ -114,9 +123,17 @@ def seed_demo(bookings: int = 300) -> None:
             from labcommons.orders.demo import seed_orders
 
             orders = seed_orders(session)
+            from labcommons.billing.talent import seed_talent
+
+            seed_talent(session)
+            from labcommons.billing.demo import seed_billing
+            from labcommons.db import utcnow
+
+            billing = seed_billing(session, now=utcnow())
             console.print(
                 f"loaded {seeded.instruments} instruments, {seeded.services} services, "
-                f"{seeded.bookings} bookings, {orders} service orders"
+                f"{seeded.bookings} bookings, {orders} service orders, {billing.charges} charges, "
+                f"{len(billing.invoices)} invoices"
             )
     console.print("[bold]Demo users[/bold] (sign in at /login with the password, or send the API token as "
                   "'Authorization: Bearer <token>'):")

@@ -6,7 +6,7 @@ import logging
 from collections.abc import Callable
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Path, Request
+from fastapi import Depends, FastAPI, Header, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy.exc import DataError, OperationalError
@@ -18,7 +18,9 @@ from labcommons.config import get_settings
 from labcommons.db import MAX_ID, Database
 from labcommons.errors import DomainError, Forbidden, Unauthenticated
 from labcommons.idempotency import Outcome, fingerprint, run_idempotent
+from labcommons.identity import roles
 from labcommons.identity import service as identity
+from labcommons.identity.roles import Action
 
 log = logging.getLogger("labcommons")
 
@@ -84,6 +86,26 @@ def require_scope(scope: str) -> Callable[..., Actor]:
         return actor
 
     dependency.__name__ = f"require_scope_{scope.replace(':', '_')}"
+    return dependency
+
+
+# The database of a request and the Idempotency-Key header, as route parameter types.
+Db = Annotated[Database, Depends(get_db)]
+IdempotencyKey = Annotated[str | None, Header(max_length=200)]
+
+
+def require_role_for(scope: str, action: Action) -> Callable[..., Actor]:
+    """A dependency giving the API caller with `scope` whose roles allow `action` over some scope, else 403.
+
+    It runs before the body is read, so a caller the route can never concern learns nothing else from it."""
+    scoped = require_scope(scope)
+
+    # A default rather than Annotated: annotations are strings here, and `scoped` is local to this function.
+    def dependency(actor: Actor = Depends(scoped)) -> Actor:
+        roles.require_some(actor, action)
+        return actor
+
+    dependency.__name__ = f"require_{action.value}_{scope.replace(':', '_')}"
     return dependency
 
 

@@ -30,6 +30,7 @@ from labcommons.catalog.models import Institution, InstitutionKind
 from labcommons.db import utcnow
 from labcommons.errors import Conflict, Forbidden, InvalidInput, NotFound
 from labcommons.identity import roles
+from labcommons.identity.models import User
 from labcommons.identity.roles import Action
 from labcommons.orders.models import OrderStatus, ServiceOrder
 
@@ -57,8 +58,9 @@ def get_account(session: Session, account_id: int, *, lock: bool = False) -> Bil
     stmt = select(BillingAccount).where(BillingAccount.id == account_id)
     if lock and session.get_bind().dialect.name == "postgresql":
         # Serialises limit checks and charge postings of one account across app processes; SQLite writers are
-        # already serialised by BEGIN IMMEDIATE.
-        stmt = stmt.with_for_update()
+        # already serialised by BEGIN IMMEDIATE. populate_existing: an object loaded before the lock would keep the
+        # balance and limit it had then.
+        stmt = stmt.with_for_update().execution_options(populate_existing=True)
     account = session.scalars(stmt).first()
     if account is None:
         raise NotFound(f"Account {account_id} does not exist.", field="account_id")
@@ -130,6 +132,8 @@ def create_account(
         actor, Action.manage_institution_accounts, institution_id=institution_id
     ):
         raise Forbidden("Only the institution's administrators open accounts for others.", field="owner_id")
+    if session.get(User, owner) is None:
+        raise NotFound(f"User {owner} does not exist.", field="owner_id")
     if kind == AccountKind.company and institution.kind != InstitutionKind.company:
         raise InvalidInput("A company account belongs to a company.", field="kind", code="not_a_company")
     if limit_fen is not None:
@@ -207,7 +211,8 @@ def add_member(session: Session, actor: Actor, account_id: int, user_id: int, *,
         raise NotFound(f"Account {account_id} does not exist.", field="account_id")
     member = member_row(session, account_id, user_id) or AccountMember(account_id=account_id, user_id=user_id)
     member.status = MemberStatus.approved
-    member.limit_fen = None if limit_fen is None else _check_amount(limit_fen, "limit_fen")
+    if limit_fen is not None:  # adding someone again keeps the limit they had
+        member.limit_fen = _check_amount(limit_fen, "limit_fen")
     member.decided_at = utcnow()
     member.decided_by_id = actor.user_id
     session.add(member)
@@ -298,7 +303,7 @@ def resolve_account(session: Session, user_id: int, account_id: int | None, *, r
     return None
 
 
-def _open_holds() -> object:
+def open_holds() -> object:
     # A hold stops counting once released, or once its booking or order was cancelled (however that happened):
     # cancellation paths need not all remember billing.
     cancelled_booking = exists().where(
@@ -327,7 +332,7 @@ def commitments(session: Session, account_id: int, *, user_id: int | None = None
     """What an account (or one member on it) has spent and holds; `exclude` leaves one hold out (re-estimates)."""
     spent = select(func.coalesce(func.sum(Charge.amount_fen), 0)).where(Charge.account_id == account_id)
     held = select(func.coalesce(func.sum(BillingHold.amount_fen), 0)).where(
-        BillingHold.account_id == account_id, _open_holds()  # type: ignore[arg-type]
+        BillingHold.account_id == account_id, open_holds()  # type: ignore[arg-type]
     )
     if user_id is not None:
         spent = spent.where(Charge.user_id == user_id)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, text, update
 from sqlalchemy.orm import Session
 
 from labcommons.actor import Actor
@@ -38,11 +38,13 @@ from labcommons.db import utcnow
 from labcommons.errors import Conflict, InvalidInput, NotFound
 from labcommons.identity import roles
 from labcommons.identity.roles import Action
-from labcommons.orders.models import Quote, QuoteStatus, ServiceOrder
+from labcommons.orders.models import OrderStatus, Quote, QuoteStatus, ServiceOrder
 
 # A booking nobody checked out is charged this long after its end (it may still be checked out before).
 CHECKOUT_GRACE = timedelta(hours=1)
 MAX_QUANTITY = 1_000_000
+# PostgreSQL advisory lock key serialising the numbering of manual charges ("LCMC").
+MANUAL_SOURCE_LOCK = 0x4C434D43
 
 
 class ChargeNotCorrectable(Conflict):
@@ -173,8 +175,9 @@ def booking_created(session: Session, actor: Actor, booking: Booking, account_id
     policy = rates.policy_for(session, instrument.facility_id)
     if policy is None:
         return None
+    # Usable on the booking's day: an account that expires before then cannot pay for it.
     account = accounts.resolve_account(session, actor.user_id, account_id, required=policy.require_account,
-                                       today=local_day(now))
+                                       today=max(local_day(now), local_day(booking.starts_at)))
     if account is None:
         return None
     account = accounts.get_account(session, account.id, lock=True)
@@ -236,9 +239,8 @@ def _pay(session: Session, charge: Charge, account: BillingAccount) -> None:
         for voucher in vouchers.applicable(session, account.id, provider_region_code=charge.provider_region_code,
                                            item_kind=charge.item_kind, category_code=charge.category_code,
                                            on=charge.service_date):
-            # Several vouchers together pay no more than the largest share any of them allows.
-            share_cap = charge.amount_fen * voucher.share_bp // 10000 - covered
-            taken = vouchers.take(session, voucher.id, min(share_cap, cap - covered))
+            taken = vouchers.take(session, voucher.id,
+                                  min(vouchers.share_cap(charge.amount_fen, voucher.share_bp, covered), cap - covered))
             if taken > 0:
                 session.add(VoucherRedemption(voucher_id=voucher.id, charge_id=charge.id, amount_fen=taken))
                 covered += taken
@@ -273,8 +275,8 @@ def _take_prepaid(session: Session, account_id: int, wanted: int) -> int:
 def charge_booking(session: Session, booking: Booking, *, now: datetime | None = None) -> Charge | None:
     """Charge a finished booking to the account its hold names, once; releases the hold.
 
-    None when the booking has no hold (its facility did not charge when it was made), is cancelled, or costs
-    nothing under the rate card.
+    None when the booking has no hold (its facility did not charge when it was made), is cancelled or was never
+    approved, or costs nothing under the rate card.
     """
     now = now or utcnow()
     source = (SourceKind.booking, booking.id)
@@ -283,6 +285,11 @@ def charge_booking(session: Session, booking: Booking, *, now: datetime | None =
         return None
     if booking.kind != BookingKind.use or booking.status == BookingStatus.cancelled:
         accounts.release_hold(session, source, now=now)
+        return None
+    if booking.status == BookingStatus.pending:
+        # A request never approved: the user never had the instrument. Once its time is over it holds nothing.
+        if booking.ends_at <= now:
+            accounts.release_hold(session, source, now=now)
         return None
     account = accounts.get_account(session, hold.account_id, lock=True)
     if session.scalar(select(Charge.id).where(Charge.source_kind == source[0], Charge.source_id == source[1])):
@@ -322,7 +329,8 @@ def charge_due_bookings(session: Session, *, now: datetime | None = None, limit:
         .where(BillingHold.released_at.is_(None),
                (Booking.status == BookingStatus.completed) | (Booking.status == BookingStatus.cancelled)
                | (Booking.ends_at <= now - CHECKOUT_GRACE))
-        .order_by(Booking.ends_at).limit(limit)
+        # By account, like invoice runs: two transactions locking several accounts take them in one order.
+        .order_by(BillingHold.account_id, Booking.ends_at).limit(limit)
     ).all()
     return [c for b in rows if (c := charge_booking(session, b, now=now)) is not None]
 
@@ -349,6 +357,10 @@ def quote_accepted(session: Session, order: ServiceOrder, quote: Quote, *, now: 
     if hold is None:
         return
     account = accounts.get_account(session, hold.account_id, lock=True)
+    if account.id not in {a.id for a in accounts.accounts_of(session, order.user_id, usable_on=local_day(now))}:
+        # The member was removed, or the account suspended, closed or expired since the order was placed.
+        raise accounts.AccountNotUsable("The order's funding account can no longer be charged by you.",
+                                        field="account_id")
     amount = max(0, quote.total_fen - _order_discount(session, order, quote.total_fen, now)[0])
     accounts.place_hold(session, account, order.user_id, source, amount, today=local_day(now))
 
@@ -367,6 +379,9 @@ def charge_order(session: Session, order: ServiceOrder, *, now: datetime | None 
         return None
     account = accounts.get_account(session, hold.account_id, lock=True)
     accounts.release_hold(session, source, now=now)
+    if order.status in (OrderStatus.cancelled, OrderStatus.rejected):
+        # Like a cancelled booking: whatever path ended the order, it is not charged.
+        return None
     if session.scalar(select(Charge.id).where(Charge.source_kind == source[0], Charge.source_id == source[1])):
         return None
     quote = session.scalars(select(Quote).where(Quote.order_id == order.id, Quote.status == QuoteStatus.accepted)
@@ -399,7 +414,7 @@ def get_charge(session: Session, charge_id: int) -> Charge:
     return charge
 
 
-def _require_facility_billing(session: Session, actor: Actor | None, facility_id: int) -> Facility:
+def require_facility_billing(session: Session, actor: Actor | None, facility_id: int) -> Facility:
     facility = session.get(Facility, facility_id)
     if facility is None:
         raise NotFound(f"Facility {facility_id} does not exist.", field="facility_id")
@@ -412,14 +427,16 @@ def reverse_charge(session: Session, actor: Actor | None, charge_id: int, *, not
                    now: datetime | None = None) -> Charge:
     """Cancel a charge by a reversing entry that gives back exactly what each part paid."""
     original = get_charge(session, charge_id)
-    _require_facility_billing(session, actor, original.facility_id)
+    require_facility_billing(session, actor, original.facility_id)
     if not note.strip():
         raise InvalidInput("Say why the charge is corrected.", field="note", code="missing_field")
     if original.reverses_id is not None:
         raise ChargeNotCorrectable("A reversal is not reversed; post a new charge instead.", field="charge_id")
+    # Locked before looking for an earlier reversal: two concurrent corrections then take turns, and the second
+    # sees the first's reversal (409) instead of failing on the unique reverses_id.
+    accounts.get_account(session, original.account_id, lock=True)
     if session.scalar(select(Charge.id).where(Charge.reverses_id == original.id)) is not None:
         raise ChargeNotCorrectable("This charge was reversed already.", field="charge_id", code="already_reversed")
-    accounts.get_account(session, original.account_id, lock=True)
     reversal = Charge(
         account_id=original.account_id, user_id=original.user_id, facility_id=original.facility_id,
         provider_institution_id=original.provider_institution_id,
@@ -471,16 +488,19 @@ def correct_charge(session: Session, actor: Actor | None, charge_id: int, *, not
         if original.discount_fen:
             discount, reason = _discount(session, original.user_id, original.provider_region_code,
                                          original.service_date, list_fen)
+        priced = Priced(original.payer_category, original.assisted, original.rate_id, original.unit, quantity,
+                        original.unit_amount_fen, list_fen, discount, reason)
     else:
-        quantity = original.quantity
-        list_fen, discount, reason = int(amount_fen or 0), 0, ""
+        # A corrected amount is a lump sum: one unit at that price, no rate behind it (so a later correction by
+        # quantity cannot multiply it as if it were the hourly rate).
+        list_fen, discount = int(amount_fen or 0), 0
+        priced = Priced(original.payer_category, original.assisted, None, RateUnit.project, 1, list_fen, list_fen,
+                        0, "")
     if list_fen - discount <= 0:
         return reversal, None
     account = accounts.get_account(session, original.account_id, lock=True)
     facility = session.get(Facility, original.facility_id)
     assert facility is not None
-    priced = Priced(original.payer_category, original.assisted, original.rate_id, original.unit, quantity,
-                    original.unit_amount_fen if amount_fen is None else list_fen, list_fen, discount, reason)
     replacement = post_charge(
         session, account=account, user_id=original.user_id, facility=facility,
         provider_region_code=original.provider_region_code, source=(original.source_kind, original.source_id),
@@ -497,7 +517,7 @@ def post_manual_charge(
 ) -> Charge:
     """Staff charge something outside bookings and orders (consumables, a consultation hour) to an account the
     user is a member of."""
-    facility = _require_facility_billing(session, actor, facility_id)
+    facility = require_facility_billing(session, actor, facility_id)
     if isinstance(amount_fen, bool) or not isinstance(amount_fen, int) or not 0 < amount_fen <= 10_000_000_000:
         raise InvalidInput("The amount must be a positive whole number of fen.", field="amount_fen",
                            code="out_of_range")
@@ -507,13 +527,18 @@ def post_manual_charge(
                            code="missing_field")
     if item_kind not in vouchers.ITEM_KINDS:
         raise InvalidInput("Unknown kind.", field="item_kind", code="invalid_choice", allowed=list(vouchers.ITEM_KINDS))
-    if account_id not in {a.id for a in accounts.accounts_of(session, user_id)}:
+    if account_id not in {a.id for a in accounts.accounts_of(session, user_id, usable_on=service_date)}:
         raise InvalidInput("The user is not a member of this account.", field="account_id",
                            code="account_not_usable")
     account = accounts.get_account(session, account_id, lock=True)
     institution = session.get(Institution, facility.institution_id)
     payer = session.get(Institution, account.institution_id)
     assert institution is not None and payer is not None
+    if session.get_bind().dialect.name == "postgresql":
+        # The source number is max + 1: postings to different accounts (different row locks) would read the same
+        # max and one would fail on the unique (source, seq) key, so they take turns on one advisory lock, held to
+        # the end of the transaction. SQLite writers are serialised already.
+        session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MANUAL_SOURCE_LOCK})
     source_id = int(session.scalar(select(func.coalesce(func.max(Charge.source_id), 0))
                                    .where(Charge.source_kind == SourceKind.manual)) or 0) + 1
     priced = Priced(rates.payer_category(payer, institution.id, institution.region_code), False, None,
@@ -532,7 +557,7 @@ def charges_of_account(session: Session, account_id: int, *, limit: int = 200) -
 
 
 def charges_of_facility(session: Session, actor: Actor, facility_id: int, *, limit: int = 200) -> Sequence[Charge]:
-    _require_facility_billing(session, actor, facility_id)
+    require_facility_billing(session, actor, facility_id)
     return session.scalars(select(Charge).where(Charge.facility_id == facility_id)
                            .order_by(Charge.posted_at.desc(), Charge.id.desc()).limit(limit)).all()
 

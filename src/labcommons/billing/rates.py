@@ -4,8 +4,9 @@ day, and how instrument time is measured and rounded."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
@@ -13,6 +14,7 @@ from sqlalchemy.orm import Session
 from labcommons.actor import Actor
 from labcommons.billing.models import BillingPolicy, ChargeBasis, PayerCategory, Rate, RateUnit, Rounding
 from labcommons.catalog.models import Facility, Institution, InstitutionKind, Instrument, Service
+from labcommons.config import get_settings
 from labcommons.errors import Conflict, InvalidInput, NotFound
 from labcommons.identity import roles
 from labcommons.identity.roles import Action
@@ -45,7 +47,7 @@ def policy_for(session: Session, facility_id: int) -> BillingPolicy | None:
     return session.get(BillingPolicy, facility_id)
 
 
-def _facility(session: Session, facility_id: int) -> Facility:
+def get_facility(session: Session, facility_id: int) -> Facility:
     facility = session.get(Facility, facility_id)
     if facility is None:
         raise NotFound(f"Facility {facility_id} does not exist.", field="facility_id")
@@ -55,7 +57,7 @@ def _facility(session: Session, facility_id: int) -> Facility:
 def _require_rates(actor: Actor | None, session: Session, facility_id: int) -> None:
     if actor is None:  # the platform itself (demo seeding, CLI as operator)
         return
-    facility = _facility(session, facility_id)
+    facility = get_facility(session, facility_id)
     roles.require(actor, Action.edit_facility_rates, facility=roles.FacilityRef.of(facility))
 
 
@@ -136,7 +138,10 @@ def set_rate(
     if isinstance(amount_fen, bool) or not isinstance(amount_fen, int) or not 0 <= amount_fen <= MAX_RATE_FEN:
         raise InvalidInput("The price must be 0 to 1,000,000 yuan, in whole fen.", field="amount_fen",
                            code="out_of_range")
-    if actor is not None and effective_from < date.today() - timedelta(days=1):
+    # Charges already posted at the old price must keep meaning what they said; a day's slack lets a manager whose
+    # calendar is behind the platform's zone still say "from today".
+    earliest = datetime.now(ZoneInfo(get_settings().default_timezone)).date() - timedelta(days=1)
+    if actor is not None and effective_from < earliest:
         raise InvalidInput("A price cannot start in the past: charges already use the old one.",
                            field="effective_from", code="in_past")
     same = and_(Rate.target_key == key, Rate.category == category, Rate.assisted == assisted)

@@ -140,9 +140,9 @@ def set_recognition(session: Session, actor: Actor | None, issuer_region_code: s
                     accepted: bool) -> None:
     """The providers' region authority decides whether its providers accept another region's vouchers."""
     _authority(actor, provider_region_code)
-    for code in (issuer_region_code, provider_region_code):
+    for field, code in (("issuer_region_code", issuer_region_code), ("provider_region_code", provider_region_code)):
         if session.get(Region, code) is None:
-            raise NotFound(f"Region {code} does not exist.", field="issuer_region_code")
+            raise NotFound(f"Region {code} does not exist.", field=field)
     row = session.get(VoucherRecognition, (issuer_region_code, provider_region_code))
     if accepted and row is None:
         session.add(VoucherRecognition(issuer_region_code=issuer_region_code,
@@ -183,6 +183,22 @@ def applicable(session: Session, account_id: int, *, provider_region_code: str, 
         if covers(v, item_kind=item_kind, category_code=category_code, on=on)
         and recognised(session, v.issuer_region_code, provider_region_code)
     ]
+
+
+def share_cap(amount_fen: int, share_bp: int, covered_fen: int) -> int:
+    """What one more voucher may pay of a charge: its share of the whole, less what vouchers paid already (so
+    several vouchers together pay no more than the largest share any of them allows)."""
+    return max(0, amount_fen * share_bp // 10000 - covered_fen)
+
+
+def estimate_cover(session: Session, account_id: int, *, provider_region_code: str, item_kind: str,
+                   category_code: str | None, amount_fen: int, on: date) -> int:
+    """What the account's vouchers would pay of a charge, taking nothing (the ledger's rule, for previews)."""
+    covered = 0
+    for voucher in applicable(session, account_id, provider_region_code=provider_region_code, item_kind=item_kind,
+                              category_code=category_code, on=on):
+        covered += min(share_cap(amount_fen, voucher.share_bp, covered), voucher.balance_fen)
+    return covered
 
 
 def take(session: Session, voucher_id: int, wanted_fen: int) -> int:

@@ -13,7 +13,7 @@ from labcommons.actor import Actor
 from labcommons.booking import maintenance, recurrence, waitlist
 from labcommons.booking.models import Booking, WaitlistEntry, WaitlistStatus
 from labcommons.booking.schemas import BookingRead
-from labcommons.db import Database
+from labcommons.db import MAX_ID, Database
 from labcommons.http import get_db, require_scope
 
 router = APIRouter(tags=["booking"])
@@ -128,6 +128,7 @@ class SeriesCreate(BaseModel):
     rrule: str = Field(min_length=1, max_length=500, examples=["FREQ=WEEKLY;COUNT=8"])
     purpose: str = Field(default="", max_length=2000)
     timezone: str | None = Field(default=None, max_length=64, description="Zone the rule repeats in")
+    account_id: int | None = Field(default=None, gt=0, le=MAX_ID, description="Funding account to charge")
     keep_partial: bool | None = Field(
         default=None, description="When some occurrences are refused: true keeps the rest, false books nothing, "
         "null (default) books nothing and answers 409 with the preview")
@@ -171,7 +172,7 @@ def create_series(
     with db.unit_of_work() as session:
         result = recurrence.book_series(
             session, actor, body.instrument_id, body.first_starts_at, body.duration_minutes, body.rrule,
-            body.purpose, body.keep_partial, timezone=body.timezone,
+            body.purpose, body.keep_partial, timezone=body.timezone, account_id=body.account_id,
         )
         read = SeriesRead.of(result).model_dump(mode="json")
     if result.status in ("preview", "none"):

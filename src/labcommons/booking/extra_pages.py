@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import HTMLResponse, Response
 
 from labcommons.actor import Actor
+from labcommons.billing import pages as billing_pages
 from labcommons.booking import maintenance, recurrence, waitlist
 from labcommons.booking.pages import _parse_form, booking_error_message
 from labcommons.catalog import service as catalog
@@ -194,20 +195,22 @@ def book_series(
     count: Annotated[str, Form(max_length=4)] = "",
     until: Annotated[str, Form(max_length=10)] = "",
     keep: Annotated[str, Form(max_length=10)] = "",
+    account_id: Annotated[str, Form(max_length=20)] = "",
 ) -> Response:
     """Book a weekly or daily series from the instrument page; conflicts are shown for the user to decide."""
     actor = require_actor(request)
     check_csrf(request, csrf_token)
     form = {"date": date_, "start": start, "end": end, "duration": duration, "purpose": purpose,
-            "repeat": repeat, "count": count, "until": until}
+            "repeat": repeat, "count": count, "until": until, "account_id": account_id}
     try:
+        account = billing_pages.form_account_id(account_id)
         starts_at, ends_at = _parse_form(request, date_, start, end, duration)
         rule = _series_rule(request, repeat, count, until)
         minutes = int((ends_at - starts_at).total_seconds() // 60)
         with db.unit_of_work() as session:
             result = recurrence.book_series(
                 session, actor, instrument_id, starts_at, minutes, rule, purpose,
-                True if keep == "yes" else None, timezone=str(user_zone(request)),
+                True if keep == "yes" else None, timezone=str(user_zone(request)), account_id=account,
             )
             instrument = catalog.get_instrument(session, instrument_id)
     except (InvalidInput, Conflict) as exc:

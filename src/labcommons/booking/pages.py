@@ -10,6 +10,7 @@ from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import HTMLResponse, Response
 from pydantic import ValidationError
 
+from labcommons.billing import pages as billing_pages
 from labcommons.booking import service
 from labcommons.booking.models import ACTIVE_STATUSES, Booking, BookingStatus
 from labcommons.booking.schemas import BookingCreate
@@ -42,7 +43,8 @@ def booking_error_message(exc: DomainError) -> str:
     }
     from labcommons.booking.manage_pages import booking_rule_message  # the per-instrument rules' messages
 
-    return messages.get(exc.code) or booking_rule_message(exc) or _("The booking could not be made.")
+    return (messages.get(exc.code) or booking_rule_message(exc) or billing_pages.billing_error_message(exc)
+            or _("The booking could not be made."))
 
 
 def _parse_form(
@@ -105,6 +107,7 @@ def book(
     end: Annotated[str, Form()] = "",
     duration: Annotated[str, Form()] = "",
     purpose: Annotated[str, Form()] = "",
+    account_id: Annotated[str, Form()] = "",
 ) -> Response:
     """Book from the instrument page: 303 to "my bookings", or the page again with the problem named."""
     actor = page_actor(request)
@@ -112,8 +115,10 @@ def book(
         # Back to the instrument page after signing in: a GET of this address would be a 405.
         return redirect(f"/login?{urlencode({'next': f'/instruments/{instrument_id}'})}")
     check_csrf(request, csrf_token)
-    form = {"date": date_, "start": start, "end": end, "duration": duration, "purpose": purpose}
+    form = {"date": date_, "start": start, "end": end, "duration": duration, "purpose": purpose,
+            "account_id": account_id}
     try:
+        account = billing_pages.form_account_id(account_id)
         starts_at, ends_at = _parse_form(request, date_, start, end, duration)
         try:
             body = BookingCreate(
@@ -125,9 +130,10 @@ def book(
                                code="too_long" if field == "purpose" else "invalid_input") from None
         with db.unit_of_work() as session:
             booking = service.reserve_slot(
-                session, actor, body.instrument_id, body.starts_at, body.ends_at, body.purpose
+                session, actor, body.instrument_id, body.starts_at, body.ends_at, body.purpose, account_id=account
             )
             name, when = localized(booking.instrument, "name"), _when(request, booking)
+            cost = billing_pages.booking_hold_text(session, booking.id)
             pending = booking.status == BookingStatus.pending
     except (InvalidInput, Conflict) as exc:
         message = exc.message if exc.code == "form" else booking_error_message(exc)
@@ -142,8 +148,8 @@ def book(
     if pending:
         return redirect("/bookings", flash=_(
             "Requested: %(name)s, %(when)s. The facility will approve or decline it; you will get an e-mail."
-        ) % {"name": name, "when": when})
-    return redirect("/bookings", flash=_("Booked: %(name)s, %(when)s.") % {"name": name, "when": when})
+        ) % {"name": name, "when": when} + cost)
+    return redirect("/bookings", flash=_("Booked: %(name)s, %(when)s.") % {"name": name, "when": when} + cost)
 
 
 def booking_status_label(status: BookingStatus | str) -> str:

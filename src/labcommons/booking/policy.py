@@ -20,6 +20,7 @@ from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from labcommons.actor import Actor
+from labcommons.billing import talent
 from labcommons.booking.models import (
     ACTIVE_STATUSES,
     Booking,
@@ -334,9 +335,12 @@ def check_policy(
     policy = policy_for(session, instrument.id)
     zone = _zone(policy.timezone)
     staff = is_facility_staff(actor, instrument)
-    if starts_at - now > timedelta(days=policy.horizon_days):
-        raise InvalidInput(f"Bookings may start at most {policy.horizon_days} days ahead.", field="starts_at",
-                           code="beyond_horizon", horizon_days=policy.horizon_days)
+    # A verified talent card recognised in the instrument's region opens the calendar further ahead.
+    horizon = policy.horizon_days + talent.priority_days(session, actor.user_id, instrument.region_code,
+                                                         now.astimezone(zone).date())
+    if starts_at - now > timedelta(days=horizon):
+        raise InvalidInput(f"Bookings may start at most {horizon} days ahead.", field="starts_at",
+                           code="beyond_horizon", horizon_days=horizon)
     if starts_at - now < timedelta(minutes=policy.min_notice_minutes):
         raise InvalidInput(f"Bookings need {policy.min_notice_minutes} minutes' notice.", field="starts_at",
                            code="too_short_notice", min_notice_minutes=policy.min_notice_minutes)

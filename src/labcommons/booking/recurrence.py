@@ -171,8 +171,12 @@ def book_series(
     *,
     timezone: str | None = None,
     now: datetime | None = None,
+    account_id: int | None = None,
 ) -> SeriesResult:
-    """Book every occurrence of a series; when some are refused, `keep_partial` decides (None: preview only)."""
+    """Book every occurrence of a series; when some are refused, `keep_partial` decides (None: preview only).
+
+    Each occurrence holds its estimate on the funding account, so a series past the account's limit is refused in
+    part like any other conflict."""
     now = now or utcnow()
     zone = _zone(timezone or actor.timezone or get_settings().default_timezone)
     if not 0 < duration_minutes <= 60 * 24 * 31:
@@ -195,7 +199,8 @@ def book_series(
         ends_at = (local_start + timedelta(minutes=duration_minutes)).astimezone(UTC)
         try:
             with session.begin_nested():
-                booking = service.reserve_slot(session, actor, instrument.id, starts_at, ends_at, purpose, now=now)
+                booking = service.reserve_slot(session, actor, instrument.id, starts_at, ends_at, purpose, now=now,
+                                               account_id=account_id)
         except NotFound:
             raise
         except DomainError as exc:

@@ -7,15 +7,13 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy.orm import Session
 
 from labcommons.actor import Actor
-from labcommons.db import Database
-from labcommons.http import Id, get_db, idempotent_post, require_scope
+from labcommons.http import Db, Id, IdempotencyKey, idempotent_post, require_role_for, require_scope
 from labcommons.idempotency import Outcome
-from labcommons.identity import roles
 from labcommons.identity.roles import Action
 from labcommons.orders import messages, quotes, ratings, service
 from labcommons.orders.models import OrderStatus, ServiceOrder
@@ -52,23 +50,10 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 Reader = Annotated[Actor, Depends(require_scope("orders:read"))]
 Writer = Annotated[Actor, Depends(require_scope("orders:write"))]
-Db = Annotated[Database, Depends(get_db)]
-IdempotencyKey = Annotated[str | None, Header(max_length=200)]
 
 
-def _staff_writer(actor: Writer) -> Actor:
-    # Before the body is read, so someone who is staff nowhere learns nothing else (403 first).
-    roles.require_some(actor, Action.manage_facility_orders)
-    return actor
-
-
-def _staff_reader(actor: Reader) -> Actor:
-    roles.require_some(actor, Action.manage_facility_orders)
-    return actor
-
-
-StaffWriter = Annotated[Actor, Depends(_staff_writer)]
-StaffReader = Annotated[Actor, Depends(_staff_reader)]
+StaffWriter = Annotated[Actor, Depends(require_role_for("orders:write", Action.manage_facility_orders))]
+StaffReader = Annotated[Actor, Depends(require_role_for("orders:read", Action.manage_facility_orders))]
 
 
 def order_detail(session: Session, actor: Actor, order: ServiceOrder) -> OrderDetail:

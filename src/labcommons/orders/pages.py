@@ -11,6 +11,7 @@ from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.responses import HTMLResponse, Response
 
 from labcommons.actor import Actor
+from labcommons.billing import talent
 from labcommons.catalog.models import PriceUnit, Service
 from labcommons.db import Database
 from labcommons.errors import Conflict, DomainError, Forbidden, InvalidInput
@@ -105,7 +106,11 @@ def error_message(exc: DomainError) -> str:
         "date_in_past": _("The date must not be in the past."),
         "unknown_status": _("Unknown order status."),
     }
-    return texts.get(exc.code, _("Some of what was sent is not valid."))
+    if exc.code not in texts:
+        from labcommons.billing.pages import billing_error_message  # billing's pages import this module
+
+        return billing_error_message(exc) or _("Some of what was sent is not valid.")
+    return texts[exc.code]
 
 
 _YUAN = re.compile(r"^\d{1,12}(\.\d{1,2})?$")
@@ -181,19 +186,25 @@ def place_order(
     description: Annotated[str, Form()] = "", sample_count: Annotated[str, Form()] = "",
     sample_description: Annotated[str, Form()] = "", wanted_by: Annotated[str, Form()] = "",
     contact_phone: Annotated[str, Form()] = "", action: Annotated[str, Form()] = "submit",
+    account_id: Annotated[str, Form()] = "",
 ) -> Response:
     """Save the order as a draft or submit it; the form again with the problem named, else the order's page."""
     actor = require_actor(request)
     check_csrf(request, csrf_token)
     form = {"title": title, "description": description, "sample_count": sample_count,
-            "sample_description": sample_description, "wanted_by": wanted_by, "contact_phone": contact_phone}
+            "sample_description": sample_description, "wanted_by": wanted_by, "contact_phone": contact_phone,
+            "account_id": account_id}
     try:
+        from labcommons.billing.pages import form_account_id  # billing's pages import this module
+
+        account = form_account_id(account_id)
         count = parse_int(sample_count, "sample_count", default=0)
         wanted = parse_day(wanted_by, "wanted_by")
         with db.unit_of_work() as session:
             order = service.create_order(
                 session, actor, service_id, title=title, description=description, sample_count=count,
                 sample_description=sample_description, wanted_by=wanted, contact_phone=contact_phone,
+                account_id=account,
             )
             if action != "draft":
                 service.transition(session, actor, order.id, S.submitted)
@@ -254,8 +265,9 @@ def order_queue(
         rows, next_cursor = service.staff_queue(session, actor, status=chosen, facility=facility, limit=50,
                                                 cursor=cursor)
         counts = service.queue_counts(session, actor, facility=facility)
+        fast = talent.fast_tracked_orders(session, rows, service.facility_today())
     return render(request, "orders/queue.html", orders=rows, status=chosen, counts=counts, facility=facility,
-                  total=sum(counts.values()),
+                  total=sum(counts.values()), fast_track_ids=fast,
                   next_url=url_with(request, cursor=next_cursor) if next_cursor else None)
 
 
@@ -308,6 +320,8 @@ def _order_page(request: Request, db: Database, actor: Actor, order_id: int, sta
             steps.append({"to": target, "label": action_label(order, target),
                           "needs_comment": bool(step and step.needs_comment),
                           "danger": target in (S.cancelled.value, S.rejected.value)})
+        # Staff see whether the customer's talent card puts a consultation ahead of the queue.
+        fast_track = is_staff and bool(talent.fast_tracked_orders(session, [order], service.facility_today()))
     context.setdefault("error", None)
     context.setdefault("error_form", None)
     context.setdefault("error_field", None)
@@ -325,7 +339,7 @@ def _order_page(request: Request, db: Database, actor: Actor, order_id: int, sta
         quote_status_label=lambda s: _(QUOTE_STATUS_LABELS[QuoteStatus(s)]), rating=rating,
         can_rate=is_customer and ratings.may_rate(order, rating),
         may_quote=is_staff and quotes.may_quote(order),
-        may_decide=is_customer and quotes.may_decide(order, current),
+        may_decide=is_customer and quotes.may_decide(order, current), fast_track=fast_track,
         steps=steps, progress=_progress(order.status, order.held_from, events), samples=sample_rows,
         results=result_rows, sample_actors=sample_actors, result_uploaders=result_uploaders, **context,
     )
