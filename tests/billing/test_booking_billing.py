@@ -191,3 +191,25 @@ def test_a_request_never_approved_is_not_charged(world: World) -> None:
         assert ledger.charge_due_bookings(s, now=start + timedelta(hours=5)) == []
         assert charge_of(s, "booking", booking_id) == []
         assert accounts.commitments(s, bw.carol_grant).total_fen == 0
+
+
+def test_a_waitlist_offer_is_booked_on_the_account_the_user_chooses(world: World) -> None:
+    from labcommons.booking import waitlist
+
+    bw = billing_world(world)
+    second = open_account(world, "carol", "SC-G-2")
+    start = next_grid_day(3, 2)
+    bobs = book(world, "bob", start)
+    with world.db.unit_of_work() as s:
+        entry_id = waitlist.join(s, world.actors["carol"], world.instruments["CONF"], start,
+                                 start + timedelta(hours=2)).id
+    with world.db.unit_of_work() as s:
+        booking_service.cancel_booking(s, world.actors["bob"], bobs)
+    # Two accounts and none chosen: refused, and the offer stays live.
+    with pytest.raises(accounts.AccountNotUsable) as err, world.db.unit_of_work() as s:
+        waitlist.accept(s, world.actors["carol"], entry_id)
+    assert err.value.code == "account_required"
+    with world.db.unit_of_work() as s:
+        booking = waitlist.accept(s, world.actors["carol"], entry_id, account_id=second)
+        hold = accounts.hold_for(s, (SourceKind.booking, booking.id))
+        assert hold is not None and hold.account_id == second != bw.carol_grant

@@ -171,3 +171,27 @@ def test_concurrent_reversals_of_one_charge_reverse_it_once(world: World) -> Non
         assert s.scalar(select(func.count()).select_from(Charge).where(Charge.reverses_id == charge_id)) == 1
         check_ledger(s)
     assert balance_of(world, voucher_id=voucher) in (10_000, 10_000 - 2_500)
+
+
+def test_concurrent_prices_of_one_target_leave_one_open_rate(world: World) -> None:
+    """Two managers add prices from different days at once: the earlier one ends where the later starts."""
+    from labcommons.billing import rates
+    from labcommons.billing.models import Rate
+
+    instrument = world.instruments["SPATIAL"]
+    starts = [today() + timedelta(days=10 + i) for i in range(N)]
+
+    def price(i: int) -> Callable[[], object]:
+        def run() -> object:
+            with world.db.unit_of_work() as s:
+                return rates.set_rate(s, None, instrument_id=instrument, category="industry", unit="hour",
+                                      amount_fen=10_000 + i, effective_from=starts[i]).id
+        return run
+
+    results = at_once(*(price(i) for i in range(N)))
+    assert _crashes(results) == []
+    with world.db.unit_of_work(write=False) as s:
+        rows = s.scalars(select(Rate).where(Rate.instrument_id == instrument).order_by(Rate.effective_from)).all()
+    assert [r.effective_from for r in rows] == starts
+    # Each price ends where the next begins; only the last is open-ended.
+    assert [r.effective_to for r in rows] == [*starts[1:], None]

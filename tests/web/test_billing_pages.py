@@ -393,3 +393,37 @@ def test_the_order_form_passes_the_account(client: TestClient, world: World) -> 
     with world.db.unit_of_work(write=False) as s:
         hold = s.scalars(select(BillingHold)).one()
         assert (hold.account_id, hold.source_kind) == (first, SourceKind.order)
+
+
+# --- waitlist offers ----------------------------------------------------------------------------------------------
+
+
+def test_a_waitlist_offer_is_accepted_on_the_chosen_account(client: TestClient, world: World) -> None:
+    from labcommons.billing.models import BillingHold
+    from labcommons.booking import service as booking_service
+    from labcommons.booking import waitlist
+
+    charging(world)
+    open_account(world, "carol", "SC-W-1")
+    chosen = open_account(world, "carol", "SC-W-2")
+    open_account(world, "bob", "CQ-W-1")
+    start = next_grid_day(4, 2)
+    end = start + timedelta(hours=2)
+    with world.db.unit_of_work() as s:
+        bobs = booking_service.reserve_slot(s, world.actors["bob"], world.instruments["CONF"], start, end).id
+        entry_id = waitlist.join(s, world.actors["carol"], world.instruments["CONF"], start, end).id
+    with world.db.unit_of_work() as s:
+        booking_service.cancel_booking(s, world.actors["bob"], bobs)
+    sign_in(client, "carol")
+    english(client)
+    page = client.get("/waitlist")
+    assert page.status_code == 200 and 'name="account_id"' in page.text and "SC-W-2" in page.text
+    bad = client.post(f"/waitlist/{entry_id}/accept", data={"csrf_token": csrf_of(page.text), "account_id": "²"},
+                      follow_redirects=False)
+    assert bad.status_code == 303 and flash_of(bad).startswith("error|")
+    done = client.post(f"/waitlist/{entry_id}/accept",
+                       data={"csrf_token": csrf_of(page.text), "account_id": str(chosen)}, follow_redirects=False)
+    assert done.status_code == 303 and "Booked from the waitlist." in flash_of(done)
+    with world.db.unit_of_work(write=False) as s:
+        held = s.scalars(select(BillingHold.account_id).where(BillingHold.user_id == world.actors["carol"].user_id))
+        assert list(held) == [chosen]

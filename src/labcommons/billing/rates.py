@@ -94,13 +94,18 @@ def save_policy(session: Session, actor: Actor | None, facility_id: int, **field
 
 
 def _target(session: Session, instrument_id: int | None, service_id: int | None) -> tuple[str, int]:
+    """The rate target's key and facility; on PostgreSQL its row is locked for the rest of the transaction, so two
+    managers adding prices to one target at once take turns and each sees the other's row (no two open rates)."""
     key = target_key(instrument_id=instrument_id, service_id=service_id)
+    lock = session.get_bind().dialect.name == "postgresql"
     if instrument_id is not None:
-        instrument = session.get(Instrument, instrument_id)
+        query = select(Instrument).where(Instrument.id == instrument_id)
+        instrument = session.scalars(query.with_for_update() if lock else query).first()
         if instrument is None:
             raise NotFound(f"Instrument {instrument_id} does not exist.", field="instrument_id")
         return key, instrument.facility_id
-    service = session.get(Service, service_id)
+    stmt = select(Service).where(Service.id == service_id)
+    service = session.scalars(stmt.with_for_update() if lock else stmt).first()
     if service is None:
         raise NotFound(f"Service {service_id} does not exist.", field="service_id")
     return key, service.facility_id

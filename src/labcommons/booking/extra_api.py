@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Query
 from fastapi.responses import JSONResponse
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
@@ -280,10 +280,11 @@ def accept_offer(
     entry_id: int,
     actor: Annotated[Actor, Depends(require_scope("bookings:write"))],
     db: Annotated[Database, Depends(get_db)],
+    account_id: Annotated[int | None, Query(gt=0, le=MAX_ID, description="Funding account to charge")] = None,
 ) -> BookingRead:
     """Book the time a live offer names; 409 `slot_taken` if someone booked it first, `offer_not_live` if it ran out."""
     with db.unit_of_work() as session:
-        return BookingRead.of(waitlist.accept(session, actor, entry_id))
+        return BookingRead.of(waitlist.accept(session, actor, entry_id, account_id=account_id))
 
 
 @router.delete("/waitlist/{entry_id}", response_model=WaitlistRead, responses=ERRORS)

@@ -9,6 +9,8 @@ from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import HTMLResponse, Response
 
 from labcommons.actor import Actor
+from labcommons.billing import accounts as billing_accounts
+from labcommons.billing import ledger
 from labcommons.billing import pages as billing_pages
 from labcommons.booking import maintenance, recurrence, waitlist
 from labcommons.booking.pages import _parse_form, booking_error_message
@@ -298,20 +300,24 @@ def waitlist_page(request: Request, db: Annotated[Database, Depends(get_db)]) ->
     now = utcnow()
     with db.unit_of_work(write=False) as session:
         views = waitlist.list_entries(session, actor)
-    return render(request, "booking/waitlist.html", views=views, now=now, status_label=waitlist_status_label)
+        # Where an offer's facility charges, the user picks the account to charge when they have several.
+        accounts = billing_accounts.accounts_of(session, actor.user_id, usable_on=ledger.local_day(now))
+    return render(request, "booking/waitlist.html", views=views, now=now, status_label=waitlist_status_label,
+                  accounts=accounts)
 
 
 @router.post("/waitlist/{entry_id}/accept", response_model=None)
 def accept_offer(
     entry_id: int, request: Request, db: Annotated[Database, Depends(get_db)],
-    csrf_token: Annotated[str, Form()] = "",
+    csrf_token: Annotated[str, Form()] = "", account_id: Annotated[str, Form(max_length=20)] = "",
 ) -> Response:
     """Book the offered time, or say clearly why it cannot be booked any more."""
     actor = require_actor(request)
     check_csrf(request, csrf_token)
     try:
+        account = billing_pages.form_account_id(account_id)
         with db.unit_of_work() as session:
-            waitlist.accept(session, actor, entry_id)
+            waitlist.accept(session, actor, entry_id, account_id=account)
     except (InvalidInput, Conflict) as exc:
         return redirect("/waitlist", flash=_error_message(exc), kind="error")
     return redirect("/bookings", flash=_("Booked from the waitlist."))

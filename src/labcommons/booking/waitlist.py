@@ -230,8 +230,10 @@ def slot_freed(session: Session, booking: Booking, *, now: datetime) -> None:
     _offer_free_time(session, booking.instrument_id, booking.starts_at, booking.ends_at, now=now, freed=booking)
 
 
-def accept(session: Session, actor: Actor, entry_id: int, *, now: datetime | None = None) -> Booking:
-    """Book the offered time while the offer is live; SlotTakenMeanwhile if someone booked it first."""
+def accept(session: Session, actor: Actor, entry_id: int, *, now: datetime | None = None,
+           account_id: int | None = None) -> Booking:
+    """Book the offered time while the offer is live (charged to `account_id` where the facility charges);
+    SlotTakenMeanwhile if someone booked it first."""
     now = now or utcnow()
     entry = _own_entry(session, actor, entry_id)
     if entry.status != WaitlistStatus.offered:
@@ -241,7 +243,8 @@ def accept(session: Session, actor: Actor, entry_id: int, *, now: datetime | Non
         raise OfferNotLive("The offer has expired.", field="entry_id", status="expired")
     try:
         booking = booking_service.reserve_slot(
-            session, actor, entry.instrument_id, entry.starts_at, entry.ends_at, entry.purpose, now=now
+            session, actor, entry.instrument_id, entry.starts_at, entry.ends_at, entry.purpose, now=now,
+            account_id=account_id,
         )
     except booking_service.OverlappingBooking as exc:
         raise SlotTakenMeanwhile(
