@@ -186,7 +186,7 @@ def update_account(
 def request_membership(session: Session, actor: Actor, account_code: str) -> AccountMember:
     """Ask to charge to an account, by its code; the owner decides. Asking again keeps the one request."""
     roles.require(actor, Action.manage_own_billing)
-    account = session.scalars(select(BillingAccount).where(BillingAccount.code == (account_code or "").strip())).first()
+    account = find_by_code(session, account_code)
     if account is None or account.status != AccountStatus.active:
         raise NotFound("No active account has this code.", field="code")
     member = member_row(session, account.id, actor.user_id)
@@ -201,6 +201,20 @@ def request_membership(session: Session, actor: Actor, account_code: str) -> Acc
     session.add(member)
     session.flush()
     return member
+
+
+def find_by_code(session: Session, code: str | None) -> BillingAccount | None:
+    """The account with this grant, project or company code (surrounding spaces ignored)."""
+    return session.scalars(select(BillingAccount).where(BillingAccount.code == (code or "").strip())).first()
+
+
+def pending_requests(session: Session, user_id: int) -> list[BillingAccount]:
+    """Accounts the user asked to join that have not decided yet."""
+    return list(session.scalars(
+        select(BillingAccount).join(AccountMember, AccountMember.account_id == BillingAccount.id)
+        .where(AccountMember.user_id == user_id, AccountMember.status == MemberStatus.pending)
+        .order_by(BillingAccount.code)
+    ))
 
 
 def add_member(session: Session, actor: Actor, account_id: int, user_id: int, *,
@@ -303,7 +317,7 @@ def resolve_account(session: Session, user_id: int, account_id: int | None, *, r
     return None
 
 
-def open_holds() -> object:
+def _open_holds() -> object:
     # A hold stops counting once released, or once its booking or order was cancelled (however that happened):
     # cancellation paths need not all remember billing.
     cancelled_booking = exists().where(
@@ -315,6 +329,14 @@ def open_holds() -> object:
         ServiceOrder.status.in_((OrderStatus.cancelled, OrderStatus.rejected)),
     )
     return and_(BillingHold.released_at.is_(None), not_(cancelled_booking), not_(dead_order))
+
+
+def open_holds_of(session: Session, account_id: int) -> Sequence[BillingHold]:
+    """The account's holds that still count against its limits, newest first."""
+    return session.scalars(
+        select(BillingHold).where(BillingHold.account_id == account_id, _open_holds())  # type: ignore[arg-type]
+        .order_by(BillingHold.id.desc())
+    ).all()
 
 
 @dataclass(frozen=True)
@@ -332,7 +354,7 @@ def commitments(session: Session, account_id: int, *, user_id: int | None = None
     """What an account (or one member on it) has spent and holds; `exclude` leaves one hold out (re-estimates)."""
     spent = select(func.coalesce(func.sum(Charge.amount_fen), 0)).where(Charge.account_id == account_id)
     held = select(func.coalesce(func.sum(BillingHold.amount_fen), 0)).where(
-        BillingHold.account_id == account_id, open_holds()  # type: ignore[arg-type]
+        BillingHold.account_id == account_id, _open_holds()  # type: ignore[arg-type]
     )
     if user_id is not None:
         spent = spent.where(Charge.user_id == user_id)

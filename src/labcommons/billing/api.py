@@ -12,12 +12,11 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import AwareDatetime
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from labcommons.actor import Actor
 from labcommons.billing import accounts, ledger, rates, vouchers
-from labcommons.billing.models import BillingAccount, BillingHold, Charge, Voucher
+from labcommons.billing.models import BillingAccount, Charge, Voucher
 from labcommons.billing.schemas import (
     AccountCreate,
     AccountJoin,
@@ -65,7 +64,6 @@ from labcommons.identity import roles
 from labcommons.identity import service as identity
 from labcommons.identity.roles import Action
 from labcommons.orders.service import user_names
-from labcommons.pagination import decode_keyset, encode_cursor
 
 router = APIRouter(prefix="/billing", tags=["billing"])
 
@@ -110,18 +108,9 @@ def _charge_read(session: Session, charge: Charge) -> ChargeRead:
     return ChargeRead.of(charge, ledger.parts_of(session, charge.id))
 
 
-def _charge_page(session: Session, where: Any, limit: int, cursor: str | None) -> ChargePage:
-    """Newest first by id, keyset-paged (ids only grow, so the order is posting order)."""
-    stmt = select(Charge).where(where)
-    if cursor:
-        _rank, last_id = decode_keyset(cursor)
-        stmt = stmt.where(Charge.id < last_id)
-    rows = list(session.scalars(stmt.order_by(Charge.id.desc()).limit(limit + 1)))
-    next_cursor = None
-    if len(rows) > limit:
-        rows = rows[:limit]
-        next_cursor = encode_cursor([rows[-1].id])
-    return ChargePage(items=[_charge_read(session, c) for c in rows], next_cursor=next_cursor)
+def _charge_page(rows: list[Charge], next_cursor: str | None, session: Session) -> ChargePage:
+    parts = ledger.parts_of_charges(session, [c.id for c in rows])
+    return ChargePage(items=[ChargeRead.of(c, parts[c.id]) for c in rows], next_cursor=next_cursor)
 
 
 def _readable_charge(session: Session, actor: Actor, charge_id: int) -> Charge:
@@ -360,7 +349,8 @@ def account_charges(account_id: Id, actor: Reader, db: Db, limit: Limit = 50, cu
     """The account's ledger, newest first, each charge with its voucher, prepaid and invoice parts."""
     with db.unit_of_work(write=False) as session:
         ledger.require_account_reader(session, actor, account_id)
-        return _charge_page(session, Charge.account_id == account_id, limit, cursor)
+        return _charge_page(*ledger.charges_page(session, account_id=account_id, limit=limit, cursor=cursor),
+                            session)
 
 
 @router.get("/accounts/{account_id}/holds", response_model=HoldList, responses=ERRORS)
@@ -368,12 +358,7 @@ def account_holds(account_id: Id, actor: Reader, db: Db) -> HoldList:
     """Open holds: estimates of bookings and accepted orders not charged yet, counting against the limits."""
     with db.unit_of_work(write=False) as session:
         accounts.visible_account(session, actor, account_id)
-        rows = session.scalars(
-            select(BillingHold).where(BillingHold.account_id == account_id,
-                                      accounts.open_holds())  # type: ignore[arg-type]
-            .order_by(BillingHold.id.desc())
-        ).all()
-        return HoldList(items=[HoldRead.of(h) for h in rows])
+        return HoldList(items=[HoldRead.of(h) for h in accounts.open_holds_of(session, account_id)])
 
 
 @router.get("/accounts/{account_id}/vouchers", response_model=VoucherList, responses=ERRORS)
@@ -472,7 +457,8 @@ def facility_charges(facility_id: Id, actor: StaffReader, db: Db, limit: Limit =
     """The facility's charges, newest first (its billing staff)."""
     with db.unit_of_work(write=False) as session:
         ledger.require_facility_billing(session, actor, facility_id)
-        return _charge_page(session, Charge.facility_id == facility_id, limit, cursor)
+        return _charge_page(*ledger.charges_page(session, facility_id=facility_id, limit=limit, cursor=cursor),
+                            session)
 
 
 @router.get("/charges/{charge_id}", response_model=ChargeRead, responses=ERRORS)

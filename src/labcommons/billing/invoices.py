@@ -8,18 +8,16 @@ the month's end that no earlier invoice took; the database keeps a charge on one
 from __future__ import annotations
 
 import re
-from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
-from zoneinfo import ZoneInfo
 
 from sqlalchemy import ColumnElement, exists, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from labcommons.actor import Actor
-from labcommons.billing import accounts
+from labcommons.billing import accounts, ledger
 from labcommons.billing.models import (
     AccountDeposit,
     BillingAccount,
@@ -34,7 +32,6 @@ from labcommons.billing.models import (
     VoucherRedemption,
 )
 from labcommons.catalog.models import Facility, Institution
-from labcommons.config import get_settings
 from labcommons.db import utcnow
 from labcommons.errors import Conflict, Forbidden, InvalidInput, NotFound
 from labcommons.identity import roles
@@ -44,10 +41,6 @@ PERIOD_PATTERN = re.compile(r"^(?P<year>2[0-9]{3})-(?P<month>0[1-9]|1[0-2])$")
 
 
 # --- periods ----------------------------------------------------------------------------------------------------
-
-
-def platform_zone() -> ZoneInfo:
-    return ZoneInfo(get_settings().default_timezone)
 
 
 def parse_period(period: str, field_name: str = "period") -> tuple[int, int]:
@@ -63,7 +56,7 @@ def period_bounds(period: str) -> tuple[datetime, datetime]:
     """The month as a half-open UTC interval [start, end), its boundaries at midnight in the platform's zone."""
     year, month = parse_period(period)
     after = (year + 1, 1) if month == 12 else (year, month + 1)
-    zone = platform_zone()
+    zone = ledger.platform_zone()
     start = datetime(year, month, 1, tzinfo=zone).astimezone(UTC)
     end = datetime(after[0], after[1], 1, tzinfo=zone).astimezone(UTC)
     return start, end
@@ -71,12 +64,12 @@ def period_bounds(period: str) -> tuple[datetime, datetime]:
 
 def period_of(moment: datetime) -> str:
     """The period a moment falls in (platform zone)."""
-    return moment.astimezone(platform_zone()).strftime("%Y-%m")
+    return moment.astimezone(ledger.platform_zone()).strftime("%Y-%m")
 
 
 def previous_period(moment: datetime) -> str:
     """The last month that has ended at `moment`: what a monthly run invoices."""
-    local = moment.astimezone(platform_zone())
+    local = moment.astimezone(ledger.platform_zone())
     year, month = (local.year - 1, 12) if local.month == 1 else (local.year, local.month - 1)
     return f"{year:04d}-{month:02d}"
 
@@ -88,7 +81,7 @@ def day_bounds(first: date, last: date) -> tuple[datetime, datetime]:
     if first.year < 1900 or last.year > 9000:
         field = "from" if first.year < 1900 else "to"
         raise InvalidInput("Dates lie between the years 1900 and 9000.", field=field, code="out_of_range")
-    zone = platform_zone()
+    zone = ledger.platform_zone()
     start = datetime(first.year, first.month, first.day, tzinfo=zone).astimezone(UTC)
     after = date.fromordinal(last.toordinal() + 1)
     return start, datetime(after.year, after.month, after.day, tzinfo=zone).astimezone(UTC)
@@ -118,28 +111,21 @@ class Parts:
 
 
 def parts_of(session: Session, charge_ids: Sequence[int]) -> dict[int, Parts]:
-    """The payment parts of each charge: voucher redemptions (with the vouchers' codes), prepaid and invoice."""
-    result: dict[int, Parts] = defaultdict(Parts)
+    """The payment parts of each charge (the ledger's sums) with the codes of the vouchers that paid."""
+    result = {
+        charge_id: Parts(voucher_fen=p.voucher_fen, prepaid_fen=p.prepaid_fen, due_fen=p.invoice_fen)
+        for charge_id, p in ledger.parts_of_charges(session, charge_ids).items()
+    }
     for start in range(0, len(charge_ids), 500):
         chunk = list(charge_ids[start:start + 500])
-        for charge_id, method, amount in session.execute(
-            select(Payment.charge_id, Payment.method, Payment.amount_fen).where(Payment.charge_id.in_(chunk))
-        ):
-            parts = result[charge_id]
-            if method == PaymentMethod.prepaid:
-                parts.prepaid_fen += amount
-            else:
-                parts.due_fen += amount
-        for charge_id, code, amount in session.execute(
-            select(VoucherRedemption.charge_id, Voucher.code, VoucherRedemption.amount_fen)
+        for charge_id, code in session.execute(
+            select(VoucherRedemption.charge_id, Voucher.code)
             .join(Voucher, Voucher.id == VoucherRedemption.voucher_id)
             .where(VoucherRedemption.charge_id.in_(chunk))
             .order_by(VoucherRedemption.id)
         ):
-            parts = result[charge_id]
-            parts.voucher_fen += amount
-            if code not in parts.voucher_codes:
-                parts.voucher_codes.append(code)
+            if code not in result[charge_id].voucher_codes:
+                result[charge_id].voucher_codes.append(code)
     return result
 
 

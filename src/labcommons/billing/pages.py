@@ -10,7 +10,6 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import HTMLResponse, Response
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from labcommons.actor import Actor
@@ -169,10 +168,7 @@ def _home(request: Request, db: Database, actor: Actor, status_code: int = 200, 
             mine.setdefault(account.id, account)
         rows = [_summary(session, actor, a, today) for a in sorted(mine.values(), key=lambda a: a.code)]
         held_vouchers = {a: list(vouchers.vouchers_of_account(session, a)) for a in mine}
-        pending = [m for m in session.scalars(
-            select(AccountMember).where(AccountMember.user_id == actor.user_id,
-                                                 AccountMember.status == MemberStatus.pending))]
-        pending_codes = [session.get(BillingAccount, m.account_id) for m in pending]
+        pending = accounts.pending_requests(session, actor.user_id)
         facilities = _billing_facilities(session, actor)
         institution = session.get(Institution, actor.institution_id) if actor.institution_id else None
     context.setdefault("form", {"code": "", "name": "", "kind": "grant", "prepaid": "", "limit": ""})
@@ -182,7 +178,7 @@ def _home(request: Request, db: Database, actor: Actor, status_code: int = 200, 
     context.setdefault("error_field", None)
     return render(
         request, "billing/home.html", status_code, page_path="/billing", rows=rows, vouchers=held_vouchers,
-        pending=[a for a in pending_codes if a is not None], facilities=facilities,
+        pending=pending, facilities=facilities,
         is_company=bool(institution and institution.kind.value == "company"), today=today,
         issues_vouchers=any(g.role in roles.PERMISSIONS[Action.issue_vouchers].roles for g in actor.grants),
         **context,
@@ -254,7 +250,7 @@ def _account_page(request: Request, db: Database, actor: Actor, account_id: int,
         held = list(vouchers.vouchers_of_account(session, account.id))
         redeemed = {v.id: list(vouchers.redemptions(session, v.id)) for v in held}
         charges = list(ledger.charges_of_account(session, account.id, limit=100))
-        parts = {c.id: ledger.parts_of(session, c.id) for c in charges}
+        parts = ledger.parts_of_charges(session, [c.id for c in charges])
         deposit_rows = list(accounts.deposits(session, account.id))
         may_deposit = account.prepaid and roles.authorize(actor, Action.manage_institution_accounts,
                                                           institution_id=account.institution_id)
@@ -350,7 +346,7 @@ def _facility_page(request: Request, db: Database, actor: Actor, facility_id: in
                    if r.effective_to is None or r.effective_to > today]
         policy = rates.policy_for(session, facility_id)
         charges = list(ledger.charges_of_facility(session, actor, facility_id, limit=100))
-        parts = {c.id: ledger.parts_of(session, c.id) for c in charges}
+        parts = ledger.parts_of_charges(session, [c.id for c in charges])
         codes = {a.id: a.code for a in (session.get(BillingAccount, i) for i in {c.account_id for c in charges})
                  if a is not None}
         names = user_names(session, [c.user_id for c in charges])
@@ -473,7 +469,7 @@ def correct_charge(
 
 
 def _account_by_code(session: Session, code: str) -> BillingAccount:
-    account = session.scalars(select(BillingAccount).where(BillingAccount.code == code.strip())).first()
+    account = accounts.find_by_code(session, code)
     if account is None:
         raise InvalidInput("No account has this code.", field="account", code="not_found")
     return account
