@@ -88,6 +88,8 @@ def create_app(
     api.include_router(invoice_api)
     from labcommons.billing.api import router as billing_api  # after invoice_api: /charges.csv before /charges/{id}
     api.include_router(billing_api)
+    from labcommons.matching.api import router as matching_api
+    api.include_router(matching_api)
 
     @api.get("/health", tags=["ops"])
     def health() -> dict[str, str]:
@@ -134,6 +136,8 @@ def create_app(
     app.include_router(billing_pages)
     from labcommons.billing.invoice_pages import router as invoice_pages
     app.include_router(invoice_pages)
+    from labcommons.matching.pages import router as matching_pages
+    app.include_router(matching_pages)
     app.mount("/static", StaticFiles(directory=Path(__file__).parent / "static"), name="static")
 
     @app.middleware("http")

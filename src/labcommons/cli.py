@@ -80,6 +80,15 @@ def _add_billing_commands() -> None:
 
 _add_billing_commands()
 
+
+def _add_matching_commands() -> None:
+    from labcommons.matching.cli import matching_app
+
+    app.add_typer(matching_app, name="matching", help="Demand matching: the index, its status, evaluation.")
+
+
+_add_matching_commands()
+
 _database = database
 _fail = fail
 
@@ -130,10 +139,14 @@ def seed_demo(bookings: int = 300) -> None:
             from labcommons.db import utcnow
 
             billing = seed_billing(session, now=utcnow())
+            from labcommons.matching.demo import seed_experts, seed_subscriptions
+
+            experts = seed_experts(session)
+            seed_subscriptions(session)
             console.print(
                 f"loaded {seeded.instruments} instruments, {seeded.services} services, "
                 f"{seeded.bookings} bookings, {orders} service orders, {billing.charges} charges, "
-                f"{len(billing.invoices)} invoices"
+                f"{len(billing.invoices)} invoices, {experts} experts"
             )
     console.print("[bold]Demo users[/bold] (sign in at /login with the password, or send the API token as "
                   "'Authorization: Bearer <token>'):")

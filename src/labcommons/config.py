@@ -71,6 +71,8 @@ class Settings(BaseSettings):
     # (needs the optional extra `s3`, i.e. boto3). Uploads are spooled to result_tmp_dir (empty: the system's
     # temporary directory) while their SHA-256 is computed.
     result_store: Literal["local", "s3"] = "local"
+    # Semantic ranking in matching when the `embeddings` extra is installed; off ranks by keywords alone.
+    matching_embeddings: bool = True
     result_dir: str = "./data/results"
     result_tmp_dir: str = ""
     result_max_bytes: int = 2 * 1024**3

@@ -55,6 +55,14 @@ from labcommons.identity.models import (
     User,
     WebSession,
 )
+from labcommons.matching.models import (
+    Demand,
+    DemandMatch,
+    DemandOffer,
+    DemandSubscription,
+    Expert,
+    MatchDocument,
+)
 from labcommons.notifications.models import Job, NotificationPreference
 from labcommons.orders.models import (
     OrderEvent,
@@ -82,6 +90,11 @@ __all__ = [
     "CalendarFeed",
     "Category",
     "Charge",
+    "Demand",
+    "DemandMatch",
+    "DemandOffer",
+    "DemandSubscription",
+    "Expert",
     "ExternalIdentity",
     "Facility",
     "IdempotencyRecord",
@@ -94,6 +107,7 @@ __all__ = [
     "Job",
     "LoginState",
     "LoginThrottle",
+    "MatchDocument",
     "NotificationPreference",
     "OidcAccessToken",
     "OidcAuthorizationCode",

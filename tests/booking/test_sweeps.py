@@ -17,15 +17,16 @@ from tests.factories import World
 def test_periodic_sweep_is_queued_once_per_interval_and_marks_no_shows(world: World) -> None:
     late = add_booking(world, "alice", starts_at=grid_now() - timedelta(minutes=60), minutes=90)
     now = utcnow()
-    assert jobs.schedule_periodic(world.db, now=now) == 1
+    # The booking sweep and the match-index refresh.
+    assert jobs.schedule_periodic(world.db, now=now) == len(jobs.PERIODIC) == 2
     assert jobs.schedule_periodic(world.db, now=now) == 0  # a second worker in the same minute adds nothing
     stats = jobs.run_pending(world.db, "test-worker", now=now)
-    assert stats.done == 1 and stats.failed == 0
+    assert stats.done == 2 and stats.failed == 0
     with world.db.unit_of_work(write=False) as s:
         assert s.get(Booking, late).no_show is True  # type: ignore[union-attr]
         sweeps = s.scalars(select(Job.status).where(Job.kind == "booking_sweep")).all()
     assert sweeps == [JobStatus.done]
-    assert jobs.schedule_periodic(world.db, now=now + timedelta(seconds=61)) == 1
+    assert jobs.schedule_periodic(world.db, now=now + timedelta(seconds=61)) == 2
     with world.db.unit_of_work(write=False) as s:
         assert s.scalar(select(func.count()).select_from(Job).where(Job.kind == "booking_sweep")) == 2
 
@@ -39,7 +40,7 @@ def test_the_sweep_prunes_old_finished_jobs(world: World) -> None:
             s.add(Job(kind="send_mail", payload="{}", dedupe_key=key, status=status, attempts=1, max_attempts=5,
                       run_after=moment, created_at=moment, finished_at=moment, last_error=""))
     jobs.schedule_periodic(world.db, now=now)
-    assert jobs.run_pending(world.db, "test-worker", now=now).done == 1
+    assert jobs.run_pending(world.db, "test-worker", now=now).done == len(jobs.PERIODIC)
     with world.db.unit_of_work(write=False) as s:
         left = set(s.scalars(select(Job.dedupe_key).where(Job.kind == "send_mail")))
     assert left == {"new-done", "young-failed"}

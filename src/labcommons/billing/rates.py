@@ -3,7 +3,7 @@ day, and how instrument time is measured and rounded."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import date, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -184,6 +184,29 @@ def rate_on(session: Session, key: str, category: PayerCategory, assisted: bool,
         ).first()
 
     return find(assisted) or find(not assisted)
+
+
+def rates_in_force(session: Session, keys: Iterable[str], on: date) -> dict[str, list[Rate]]:
+    """Every rate in force on a day for several targets at once, by target key (one query, for result lists)."""
+    out: dict[str, list[Rate]] = {}
+    wanted = sorted(set(keys))
+    if not wanted:
+        return out
+    for rate in session.scalars(
+        select(Rate).where(Rate.target_key.in_(wanted), Rate.effective_from <= on,
+                           or_(Rate.effective_to.is_(None), Rate.effective_to > on))
+    ):
+        out.setdefault(rate.target_key, []).append(rate)
+    return out
+
+
+def pick_rate(rates: Sequence[Rate], category: PayerCategory, assisted: bool) -> Rate | None:
+    """From rates in force, the one for a payer category, as `rate_on` chooses it."""
+    for wanted in (assisted, not assisted):
+        for rate in rates:
+            if rate.category == category and rate.assisted == wanted:
+                return rate
+    return None
 
 
 def list_rates(session: Session, *, facility_id: int | None = None, key: str | None = None,

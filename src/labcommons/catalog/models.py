@@ -202,3 +202,7 @@ class ServiceInstrument(Base):
 
     service_id: Mapped[int] = mapped_column(ForeignKey("service.id", ondelete="CASCADE"), primary_key=True)
     instrument_id: Mapped[int] = mapped_column(ForeignKey("instrument.id", ondelete="CASCADE"), primary_key=True)
+
+
+# Registers the flush listener that keeps the match index current wherever catalogue rows are written.
+import labcommons.matching.index  # noqa: E402,F401

@@ -79,6 +79,9 @@ class Action(enum.StrEnum):
     manage_institution_accounts = "manage_institution_accounts"
     issue_vouchers = "issue_vouchers"
     view_settlement = "view_settlement"
+    post_demand = "post_demand"
+    answer_demands = "answer_demands"
+    manage_experts = "manage_experts"
 
 
 @dataclass(frozen=True)
@@ -143,6 +146,13 @@ PERMISSIONS: dict[Action, Rule] = {
         Target.none, frozenset({Role.institution_admin, Role.region_authority, Role.platform_admin}),
         "Read the settlement report between institutions and regions",
     ),
+    Action.post_demand: Rule(Target.none, _ANY, "Post demands, see their matches and accept providers' offers"),
+    Action.answer_demands: Rule(
+        Target.facility, _FAC_STAFF, "Subscribe a facility to matching demands and answer them with offers"
+    ),
+    Action.manage_experts: Rule(
+        Target.facility, _FAC_MANAGER, "Add and edit the expert profiles of a facility (experts edit their own)"
+    ),
 }
 
 # Which action grants (and revokes) each role, and over which kind of scope the role is held.
@@ -170,6 +180,8 @@ SCOPES: dict[str, str] = {
     "orders:write": N_("Place and move service orders, quote, upload results"),
     "billing:read": N_("Read your funding accounts, charges and invoices"),
     "billing:write": N_("Manage funding accounts, rates, vouchers and charges your roles allow"),
+    "demands:read": N_("Read your demands, their matches and offers; a facility's demand inbox"),
+    "demands:write": N_("Post demands, accept offers; answer demands and edit experts your roles allow"),
     "account": N_("Read your account and manage your API tokens"),
     "admin": N_("Administration your roles allow"),
 }
@@ -434,6 +446,41 @@ ROUTES: dict[tuple[str, str], Access] = {
     ("POST", "/api/v1/billing/charges"): Action.manage_facility_billing,
     ("POST", "/api/v1/billing/charges/{charge_id}/reversal"): Action.manage_facility_billing,
     ("POST", "/api/v1/billing/charges/{charge_id}/correction"): Action.manage_facility_billing,
+    # Demand matching and the expert directory (matching/api.py, matching/pages.py). Who may see a demand or
+    # change an offer beyond the action is checked in matching/demands.py (owner, or staff of a matched facility).
+    ("POST", "/api/v1/demands/match"): "public",
+    ("GET", "/api/v1/matching/status"): "public",
+    ("POST", "/api/v1/demands"): Action.post_demand,
+    ("GET", "/api/v1/demands"): Action.post_demand,
+    ("GET", "/api/v1/demands/{demand_id}"): "user",
+    ("POST", "/api/v1/demands/{demand_id}/close"): Action.post_demand,
+    ("POST", "/api/v1/demands/{demand_id}/offers"): Action.answer_demands,
+    ("POST", "/api/v1/offers/{offer_id}/accept"): Action.post_demand,
+    ("POST", "/api/v1/offers/{offer_id}/decline"): Action.post_demand,
+    ("POST", "/api/v1/offers/{offer_id}/withdraw"): Action.answer_demands,
+    ("GET", "/api/v1/facilities/{facility_id}/demand-inbox"): Action.answer_demands,
+    ("GET", "/api/v1/facilities/{facility_id}/demand-subscription"): Action.answer_demands,
+    ("PUT", "/api/v1/facilities/{facility_id}/demand-subscription"): Action.answer_demands,
+    ("GET", "/api/v1/experts"): "public",
+    ("GET", "/api/v1/experts/{expert_id}"): "public",
+    ("POST", "/api/v1/experts"): Action.manage_experts,
+    ("PATCH", "/api/v1/experts/{expert_id}"): "user",
+    ("GET", "/match"): "public",
+    ("GET", "/demands"): Action.post_demand,
+    ("POST", "/demands"): Action.post_demand,
+    ("GET", "/demands/{demand_id}"): "user",
+    ("POST", "/demands/{demand_id}/close"): Action.post_demand,
+    ("POST", "/demands/{demand_id}/offers/{offer_id}/accept"): Action.post_demand,
+    ("POST", "/demands/{demand_id}/offers/{offer_id}/decline"): Action.post_demand,
+    ("GET", "/experts"): "public",
+    ("GET", "/experts/{expert_id}"): "public",
+    ("GET", "/experts/{expert_id}/edit"): "user",
+    ("POST", "/experts/{expert_id}/edit"): "user",
+    ("GET", "/manage/demands"): Action.answer_demands,
+    ("GET", "/manage/demands/facilities/{facility_id}"): Action.answer_demands,
+    ("POST", "/manage/demands/facilities/{facility_id}/subscription"): Action.answer_demands,
+    ("POST", "/manage/demands/facilities/{facility_id}/offers"): Action.answer_demands,
+    ("POST", "/manage/demands/offers/{offer_id}/withdraw"): Action.answer_demands,
 }
 
 

@@ -98,6 +98,9 @@ class ServiceOrder(Base):
     sample_description: Mapped[str] = mapped_column(Text, default="")
     wanted_by: Mapped[date | None] = mapped_column(Date)
     contact_phone: Mapped[str] = mapped_column(String(40), default="")
+    # The expert a consultation order asks for (matching's expert directory). Added after the orders migration,
+    # so without a foreign key (SQLite adds a column in place only without one); orders.service checks it.
+    expert_id: Mapped[int | None] = mapped_column(Integer, index=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
     submitted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
