@@ -26,11 +26,15 @@ def running_server(
 ) -> Iterator[str]:
     """Start `uvicorn labcommons.asgi:app` with `workers` processes; yield its base URL; stop it after.
 
-    LABCOMMONS_PUBLIC_BASE_URL is the server's own address unless `env` says otherwise.
+    LABCOMMONS_PUBLIC_BASE_URL is the server's own address and LABCOMMONS_MATCHING_EMBEDDINGS is off unless `env`
+    says otherwise.
     """
     port = port or free_port()
     env = os.environ | {
         "LABCOMMONS_DATABASE_URL": database_url, "LABCOMMONS_PUBLIC_BASE_URL": f"http://127.0.0.1:{port}",
+        # Servers rank demands by keywords unless a test asks for the embedding model (500 MB and ~10 s of CPU
+        # to load in every server process).
+        "LABCOMMONS_MATCHING_EMBEDDINGS": "off",
     } | (env or {})
     proc = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "labcommons.asgi:app", "--host", "127.0.0.1", "--port", str(port),

@@ -22,6 +22,7 @@ from sqlalchemy import select
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT))  # bench.matching.large
 
 from labcommons.db import Database  # noqa: E402
 from labcommons.matching import embeddings, index  # noqa: E402

@@ -4,6 +4,7 @@ Run from anywhere:  python bench/matching/validate_set.py
 Exits with status 1 and prints every problem if the data is inconsistent; otherwise prints counts.
 Standard library only; files are read by path relative to the repository root.
 """
+
 from __future__ import annotations
 
 import csv
@@ -20,8 +21,21 @@ EXPERTS = ROOT / "src/labcommons/matching/data/experts.json"
 DEMANDS = ROOT / "bench/matching/demands.jsonl"
 
 EXPERT_KEYS = {
-    "code", "institution", "facility", "name_zh", "name_en", "title_zh", "title_en", "fields",
-    "skills_zh", "skills_en", "bio_zh", "bio_en", "languages", "availability", "consultation_service",
+    "code",
+    "institution",
+    "facility",
+    "name_zh",
+    "name_en",
+    "title_zh",
+    "title_en",
+    "fields",
+    "skills_zh",
+    "skills_en",
+    "bio_zh",
+    "bio_en",
+    "languages",
+    "availability",
+    "consultation_service",
 }
 DEMAND_KEYS = {"id", "lang", "text", "region", "relevant", "categories"}
 LANGS = {"zh", "en", "mixed"}
@@ -50,7 +64,9 @@ def check_experts(demo: dict, taxonomy: dict[str, str], errors: list[str]) -> li
         code = e.get("code", "?")
         where = f"experts.json {code}"
         if set(e) != EXPERT_KEYS:
-            errors.append(f"{where}: keys differ: missing {sorted(EXPERT_KEYS - set(e))}, extra {sorted(set(e) - EXPERT_KEYS)}")
+            errors.append(
+                f"{where}: keys differ: missing {sorted(EXPERT_KEYS - set(e))}, extra {sorted(set(e) - EXPERT_KEYS)}"
+            )
             continue
         if code in seen:
             errors.append(f"{where}: duplicate code")
@@ -92,8 +108,9 @@ def check_experts(demo: dict, taxonomy: dict[str, str], errors: list[str]) -> li
     return experts
 
 
-def check_demands(demo: dict, taxonomy: dict[str, str], experts: list[dict],
-                  errors: list[str], warnings: list[str]) -> list[dict]:
+def check_demands(
+    demo: dict, taxonomy: dict[str, str], experts: list[dict], errors: list[str], warnings: list[str]
+) -> list[dict]:
     facilities = {f["code"]: f for f in demo["facilities"]}
     inst_region = {i["code"]: i["region"] for i in demo["institutions"]}
     items: dict[str, str] = {}  # code -> region
@@ -123,7 +140,9 @@ def check_demands(demo: dict, taxonomy: dict[str, str], experts: list[dict],
             errors.append(f"{where}: invalid JSON ({exc})")
             continue
         if set(d) != DEMAND_KEYS:
-            errors.append(f"{where}: keys differ: missing {sorted(DEMAND_KEYS - set(d))}, extra {sorted(set(d) - DEMAND_KEYS)}")
+            errors.append(
+                f"{where}: keys differ: missing {sorted(DEMAND_KEYS - set(d))}, extra {sorted(set(d) - DEMAND_KEYS)}"
+            )
             continue
         where = f"{where} ({d['id']})"
         if not re.fullmatch(r"d\d{3}", str(d["id"])):
@@ -171,10 +190,13 @@ def main() -> int:
     experts = check_experts(demo, taxonomy, errors)
     demands = check_demands(demo, taxonomy, experts, errors, warnings)
 
-    regions = Counter(inst["region"] for inst in demo["institutions"]
-                      for e in experts if e["institution"] == inst["code"])
-    print(f"experts: {len(experts)}  by region {dict(sorted(regions.items()))}  "
-          f"by availability {dict(Counter(e['availability'] for e in experts))}")
+    regions = Counter(
+        inst["region"] for inst in demo["institutions"] for e in experts if e["institution"] == inst["code"]
+    )
+    print(
+        f"experts: {len(experts)}  by region {dict(sorted(regions.items()))}  "
+        f"by availability {dict(Counter(e['availability'] for e in experts))}"
+    )
     print(f"demands: {len(demands)}")
     print("  by lang:", dict(sorted(Counter(d["lang"] for d in demands).items())))
     print("  with region:", dict(Counter(d["region"] for d in demands if d["region"])))
@@ -188,10 +210,16 @@ def main() -> int:
     missing = sorted(catalogue_leaves - leaves_used)
     if missing:
         warnings.append(f"catalogue categories with no demand: {missing}")
-    kinds = Counter("expert" if c.startswith("EXP-") else "service" if re.search(r"-S\d\d$", c) else "instrument"
-                    for d in demands for c in d["relevant"])
-    print("  relevant labels by kind:", dict(kinds),
-          f" mean per demand {sum(len(d['relevant']) for d in demands) / max(len(demands), 1):.2f}")
+    kinds = Counter(
+        "expert" if c.startswith("EXP-") else "service" if re.search(r"-S\d\d$", c) else "instrument"
+        for d in demands
+        for c in d["relevant"]
+    )
+    print(
+        "  relevant labels by kind:",
+        dict(kinds),
+        f" mean per demand {sum(len(d['relevant']) for d in demands) / max(len(demands), 1):.2f}",
+    )
     for w in warnings:
         print("WARNING:", w)
     for e in errors:

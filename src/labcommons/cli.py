@@ -84,7 +84,7 @@ _add_billing_commands()
 def _add_matching_commands() -> None:
     from labcommons.matching.cli import matching_app
 
-    app.add_typer(matching_app, name="matching", help="Demand matching: the index, its status, evaluation.")
+    app.add_typer(matching_app, name="matching", help="Demand matching: the index, its status, queries.")
 
 
 _add_matching_commands()

@@ -319,6 +319,24 @@ def list_bookings(
     return rows, next_cursor
 
 
+def busy_intervals(session: Session, instrument_ids: Sequence[int], start: datetime,
+                   end: datetime) -> dict[int, list[tuple[datetime, datetime]]]:
+    """Active bookings of several instruments overlapping [start, end), as (start, end) in start order, in one query
+    (result lists show each instrument's earliest free slot)."""
+    out: dict[int, list[tuple[datetime, datetime]]] = {}
+    if not instrument_ids:
+        return out
+    rows = session.execute(
+        select(Booking.instrument_id, Booking.starts_at, Booking.ends_at)
+        .where(Booking.instrument_id.in_(list(instrument_ids)), Booking.status.in_(ACTIVE_STATUSES),
+               Booking.starts_at < end, Booking.ends_at > start)
+        .order_by(Booking.instrument_id, Booking.starts_at)
+    ).all()
+    for instrument_id, starts_at, ends_at in rows:
+        out.setdefault(instrument_id, []).append((starts_at, ends_at))
+    return out
+
+
 def _active_bookings(session: Session, instrument_id: int, start: datetime, end: datetime) -> Sequence[Booking]:
     return session.scalars(
         select(Booking)

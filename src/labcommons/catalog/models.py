@@ -205,4 +205,4 @@ class ServiceInstrument(Base):
 
 
 # Registers the flush listener that keeps the match index current wherever catalogue rows are written.
-import labcommons.matching.index  # noqa: E402,F401
+import labcommons.matching.hooks  # noqa: E402,F401

@@ -3,7 +3,7 @@
 
 Keeping it current:
 - a flush that adds or changes an instrument, service, expert or facility marks the affected documents dirty in
-  the same transaction (`_mark_dirty`);
+  the same transaction (`mark_changed`, called by matching/hooks.py's flush listener);
 - the periodic `match_refresh` job (every minute, on whichever worker claims it) or `labcommons matching reindex`
   recomputes dirty documents once: tokens, content hash and, when the text changed, the embedding;
 - each process caches the loaded index under a version read from the table (latest `changed_at` and the number of
@@ -22,7 +22,7 @@ import logging
 import threading
 import time
 from collections import Counter, OrderedDict, defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from itertools import repeat
@@ -31,13 +31,13 @@ from typing import Any
 import numpy as np
 from rapidfuzz import process as fuzzy
 from rapidfuzz.distance import Levenshtein
-from sqlalchemy import event, func, select, tuple_, update
+from sqlalchemy import Table, and_, bindparam, func, or_, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, joinedload
 
 from labcommons import jobs
 from labcommons.catalog.models import Category, Facility, Instrument, InstrumentStatus, Service
-from labcommons.db import utcnow
+from labcommons.db import Database, utcnow
 from labcommons.matching import embeddings
 from labcommons.matching import text as mtext
 from labcommons.matching.models import Expert, ItemKind, MatchDocument
@@ -180,52 +180,105 @@ def _embed(docs: Sequence[ComputedDocument], encoder: embeddings.Encoder) -> Non
             doc.embedding = _vector_cache.get(doc.content_hash)
 
 
-def refresh(session: Session, *, limit: int | None = None, progress: Any = None) -> int:
-    """Recompute dirty documents (all, or `limit` of them) and store them clean; returns how many."""
+@dataclass
+class _Recomputed:
+    kind: str
+    item_id: int
+    # The row's `changed_at` when it was read: the write applies only if nothing changed it since.
+    read_changed_at: datetime
+    values: dict[str, Any]
+
+
+def _recompute_batch(session: Session, after: tuple[str, int], size: int,
+                     encoder: embeddings.Encoder | None) -> list[_Recomputed]:
+    """Read up to `size` dirty documents after the key `after` and compute them (reads only)."""
+    rows = session.execute(
+        select(MatchDocument.kind, MatchDocument.item_id, MatchDocument.content_hash, MatchDocument.embedding_model,
+               MatchDocument.embedding.is_not(None), MatchDocument.changed_at)
+        .where(MatchDocument.dirty.is_(True), tuple_(MatchDocument.kind, MatchDocument.item_id) > after)
+        .order_by(MatchDocument.kind, MatchDocument.item_id).limit(size)
+    ).all()
+    if not rows:
+        return []
+    previous = {(r[0], r[1]): r for r in rows}
+    docs = compute_documents(session, previous)
+    stale = [
+        d for d in docs
+        if d.active and encoder is not None
+        and (previous[(d.kind, d.item_id)][2] != d.content_hash
+             or previous[(d.kind, d.item_id)][3] != encoder.name or not previous[(d.kind, d.item_id)][4])
+    ]
+    if encoder is not None and stale:
+        _embed(stale, encoder)
+    needs_vector = {id(d) for d in stale}
+    out: list[_Recomputed] = []
+    for doc in docs:
+        values: dict[str, Any] = {
+            "dirty": False, "active": doc.active, "content_hash": doc.content_hash,
+            "name_tokens": doc.name_tokens, "body_tokens": doc.body_tokens, "category_code": doc.category_code,
+            "region_code": doc.region_code, "facility_id": doc.facility_id,
+        }
+        if id(doc) in needs_vector and doc.embedding is not None and encoder is not None:
+            values["embedding"] = embeddings.to_bytes(doc.embedding)
+            values["embedding_model"] = encoder.name
+        elif not doc.active or (encoder is None and previous[(doc.kind, doc.item_id)][2] != doc.content_hash):
+            # Gone, or its text changed where no model runs: an old vector would rank the old text.
+            values["embedding"] = None
+            values["embedding_model"] = ""
+        out.append(_Recomputed(doc.kind, doc.item_id, previous[(doc.kind, doc.item_id)][5], values))
+    return sorted(out, key=lambda r: (r.kind, r.item_id))
+
+
+def _store(session: Session, recomputed: Sequence[_Recomputed]) -> int:
+    """Write recomputed documents back, each only if it was not changed again meanwhile (it then stays dirty,
+    for the next refresh); how many were written. One executemany per shape of row."""
+    now = utcnow()
+    table: Table = MatchDocument.__table__  # type: ignore[assignment]
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for item in recomputed:
+        names = tuple(sorted(item.values))
+        groups.setdefault(names, []).append(
+            {**{f"v_{k}": v for k, v in item.values.items()}, "k_kind": item.kind, "k_item": item.item_id,
+             "k_read": item.read_changed_at, "v_changed_at": now}
+        )
+    connection = session.connection()
+    stored = 0
+    for names, rows in groups.items():
+        statement = (
+            update(table)
+            .where(table.c.kind == bindparam("k_kind"), table.c.item_id == bindparam("k_item"),
+                   table.c.changed_at == bindparam("k_read", type_=table.c.changed_at.type))
+            .values({name: bindparam(f"v_{name}") for name in (*names, "changed_at")})
+        )
+        result = connection.execute(statement, rows)
+        counted = result.rowcount if connection.dialect.supports_sane_multi_rowcount else -1
+        stored += counted if counted >= 0 else len(rows)
+    return stored
+
+
+def refresh(session: Session, *, limit: int | None = None, progress: Any = None,
+            store_in: Callable[[Sequence[_Recomputed]], int] | None = None) -> int:
+    """Recompute dirty documents (all, or `limit` of them) and store them clean; returns how many were stored
+    (one changed again while it was computed stays dirty and is not counted).
+
+    By default they are written in `session`; `store_in` writes each batch elsewhere (the job reads in one
+    session and writes in short transactions, so the embedding model never runs under SQLite's write lock).
+    """
     encoder = embeddings.get_encoder()
     done = 0
+    stored = 0
+    after: tuple[str, int] = ("", 0)
     while limit is None or done < limit:
-        batch = min(REFRESH_BATCH, (limit - done) if limit is not None else REFRESH_BATCH)
-        rows = session.execute(
-            select(MatchDocument.kind, MatchDocument.item_id, MatchDocument.content_hash,
-                   MatchDocument.embedding_model, MatchDocument.embedding.is_not(None))
-            .where(MatchDocument.dirty.is_(True)).order_by(MatchDocument.kind, MatchDocument.item_id).limit(batch)
-        ).all()
-        if not rows:
+        size = min(REFRESH_BATCH, (limit - done) if limit is not None else REFRESH_BATCH)
+        batch = _recompute_batch(session, after, size, encoder)
+        if not batch:
             break
-        previous = {(r[0], r[1]): (r[2], r[3], r[4]) for r in rows}
-        docs = compute_documents(session, previous)
-        needs_vector_list = [
-            d for d in docs
-            if d.active and encoder is not None
-            and (previous[(d.kind, d.item_id)][0] != d.content_hash
-                 or previous[(d.kind, d.item_id)][1] != encoder.name or not previous[(d.kind, d.item_id)][2])
-        ]
-        if encoder is not None and needs_vector_list:
-            _embed(needs_vector_list, encoder)
-        needs_vector = {id(d) for d in needs_vector_list}
-        now = utcnow()
-        for doc in docs:
-            values: dict[str, Any] = {
-                "dirty": False, "active": doc.active, "content_hash": doc.content_hash,
-                "name_tokens": doc.name_tokens, "body_tokens": doc.body_tokens, "category_code": doc.category_code,
-                "region_code": doc.region_code, "facility_id": doc.facility_id, "changed_at": now,
-            }
-            if id(doc) in needs_vector and doc.embedding is not None and encoder is not None:
-                values["embedding"] = embeddings.to_bytes(doc.embedding)
-                values["embedding_model"] = encoder.name
-            elif not doc.active:
-                values["embedding"] = None
-            session.execute(
-                update(MatchDocument)
-                .where(MatchDocument.kind == doc.kind, MatchDocument.item_id == doc.item_id)
-                .values(**values)
-            )
-        session.flush()
-        done += len(docs)
+        stored += _store(session, batch) if store_in is None else store_in(batch)
+        after = (batch[-1].kind, batch[-1].item_id)
+        done += len(batch)
         if progress is not None:
-            progress(len(docs))
-    return done
+            progress(len(batch))
+    return stored
 
 
 def mark_all_dirty(session: Session) -> int:
@@ -234,16 +287,23 @@ def mark_all_dirty(session: Session) -> int:
     keys: list[tuple[str, int]] = [("instrument", i) for i in session.scalars(select(Instrument.id))]
     keys += [("service", i) for i in session.scalars(select(Service.id))]
     keys += [("expert", i) for i in session.scalars(select(Expert.id))]
-    _upsert_dirty(session.connection(), keys, now)
+    # An empty hash makes the refresh re-embed too (a model may have been installed since).
+    _upsert_dirty(session.connection(), keys, now, reset_hash=True)
     return len(keys)
 
 
-def _upsert_dirty(connection: Any, keys: Sequence[tuple[str, int]], now: datetime) -> None:
+def _upsert_dirty(connection: Any, keys: Sequence[tuple[str, int]], now: datetime, *,
+                  reset_hash: bool = False) -> None:
     if not keys:
         return
+    # Sorted, as the refresh writes them: concurrent writers lock rows in one order and never deadlock.
+    keys = sorted(set(keys))
     insert = postgresql.insert if connection.dialect.name == "postgresql" else sqlite.insert
+    changes: dict[str, Any] = {"dirty": True, "changed_at": now}
+    if reset_hash:
+        changes["content_hash"] = ""
     statement = insert(MatchDocument).on_conflict_do_update(
-        index_elements=[MatchDocument.kind, MatchDocument.item_id], set_={"dirty": True, "changed_at": now}
+        index_elements=[MatchDocument.kind, MatchDocument.item_id], set_=changes
     )
     rows = [
         {"kind": kind, "item_id": item_id, "dirty": True, "active": True, "content_hash": "", "name_tokens": "",
@@ -257,8 +317,9 @@ def _upsert_dirty(connection: Any, keys: Sequence[tuple[str, int]], now: datetim
 _WATCHED = (Instrument, Service, Expert)
 
 
-@event.listens_for(Session, "after_flush")
-def _mark_dirty(session: Session, _context: Any) -> None:
+def mark_changed(session: Session) -> None:
+    """After a flush: mark the documents of the instruments, services, experts and facilities it wrote dirty
+    (called by matching/hooks.py's listener, in the flush's transaction)."""
     keys: list[tuple[str, int]] = []
     facilities: list[int] = []
     for obj in (*session.new, *session.dirty, *session.deleted):
@@ -281,10 +342,17 @@ def _mark_dirty(session: Session, _context: Any) -> None:
         )
 
 
-@jobs.handler("match_refresh", writes=True)
+@jobs.handler("match_refresh")
 def _refresh_job(session: Session, _payload: dict[str, Any]) -> None:
-    # Cheap when nothing is dirty: one indexed read.
-    refresh(session)
+    # Cheap when nothing is dirty: one indexed read. The job gets a read session; each computed batch is written
+    # in its own short write transaction.
+    writer = Database(session.get_bind())  # type: ignore[arg-type]
+
+    def store(batch: Sequence[_Recomputed]) -> int:
+        with writer.unit_of_work() as write:
+            return _store(write, batch)
+
+    refresh(session, store_in=store)
 
 
 # --------------------------------------------------------------------------------------------- in memory
@@ -314,6 +382,8 @@ class QueryPlan:
     corrections: dict[str, str]
     categories: dict[str, float]
     semantic_text: str
+    # Words of the demand (and their corrections) as a person would recognise them, for explanations.
+    words: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -467,10 +537,15 @@ class MatchIndex:
         for token in list(weights):
             if mtext.is_latin_word(token) and len(token) >= 4 and not self.knows(token) and self.latin_vocab:
                 limit = 1 if len(token) <= 6 else 2
-                best = fuzzy.extractOne(token, self.latin_vocab, scorer=Levenshtein.distance, score_cutoff=limit)
-                if best is not None:
-                    corrections[token] = best[0]
-                    weights.setdefault(best[0], 0.8)
+                # Typos rarely hit the first letter; requiring it keeps real words the catalogue lacks
+                # ("bacterial") from being "corrected" into unrelated ones ("material").
+                near = fuzzy.extract(token, self.latin_vocab, scorer=Levenshtein.distance, score_cutoff=limit,
+                                     limit=8)
+                same_start = [(word, distance) for word, distance, _ in near if word[0] == token[0]]
+                if same_start:
+                    best = min(same_start, key=lambda pair: (pair[1], -len(pair[0])))[0]
+                    corrections[token] = best
+                    weights.setdefault(best, 0.8)
         corrected = text
         for _wrong, right in corrections.items():
             corrected += " " + right
@@ -496,8 +571,9 @@ class MatchIndex:
             semantic_text = ". ".join(part for part in (corrected, gist) if part)
         top = max(votes.values(), default=0.0)
         categories = {code: vote / top for code, vote in votes.items()} if top else {}
+        words = list(dict.fromkeys(mtext.tokens(corrected, bigrams=False)))
         return QueryPlan(tokens=weights, concepts=concepts, corrections=corrections, categories=categories,
-                         semantic_text=semantic_text.strip())
+                         semantic_text=semantic_text.strip(), words=words)
 
     def rank(self, plan: QueryPlan, *, encoder: embeddings.Encoder | None, region: str | None, limit: int,
              kinds: set[str] | None = None) -> tuple[list[Candidate], str]:
@@ -611,7 +687,8 @@ def _documents(session: Session, rows: Sequence[Any], encoder: embeddings.Encode
     docs: list[ComputedDocument] = []
     dirty: list[tuple[str, int]] = []
     for row in rows:
-        if row.dirty:
+        # Past the overlay's limit a dirty document is used as last stored (if it ever was) until the refresh.
+        if row.dirty and (len(dirty) < OVERLAY_TOKENS_LIMIT or not row.content_hash):
             dirty.append((row.kind, row.item_id))
             continue
         if not row.active:
@@ -631,7 +708,7 @@ def _documents(session: Session, rows: Sequence[Any], encoder: embeddings.Encode
         docs.extend(d for d in overlay if d.active)
         if len(dirty) > OVERLAY_TOKENS_LIMIT:
             waiting = len(dirty) - OVERLAY_TOKENS_LIMIT
-            log.warning("matching: %d documents wait for `labcommons matching reindex`", waiting)
+            log.warning("matching: %d new documents wait for `labcommons matching reindex`", waiting)
     return docs
 
 
@@ -676,6 +753,13 @@ def clear_cache() -> None:
         _cache.clear()
 
 
+def _ids_by_kind(keys: Iterable[tuple[str, int]]) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for kind, item_id in keys:
+        out.setdefault(kind, []).append(item_id)
+    return out
+
+
 def document_tokens(session: Session, keys: Sequence[tuple[str, int]]) -> dict[tuple[str, int], set[str]]:
     """The index tokens of some documents (for explanations), computed afresh where a document is dirty."""
     out: dict[tuple[str, int], set[str]] = {}
@@ -684,7 +768,9 @@ def document_tokens(session: Session, keys: Sequence[tuple[str, int]]) -> dict[t
     rows = session.execute(
         select(MatchDocument.kind, MatchDocument.item_id, MatchDocument.dirty, MatchDocument.name_tokens,
                MatchDocument.body_tokens)
-        .where(tuple_(MatchDocument.kind, MatchDocument.item_id).in_(list(keys)))
+        # By kind, so each part is a primary-key lookup (SQLite scans the table for a row-value IN).
+        .where(or_(*(and_(MatchDocument.kind == kind, MatchDocument.item_id.in_(ids))
+                     for kind, ids in _ids_by_kind(keys).items())))
     ).all()
     dirty = []
     for row in rows:

@@ -25,6 +25,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
@@ -189,6 +190,9 @@ class DemandOffer(Base):
         CheckConstraint("price_fen IS NULL OR price_fen >= 0", name="price"),
         Index("ix_demand_offer_demand", "demand_id", "status"),
         Index("ix_demand_offer_facility", "facility_id", "created_at"),
+        # One open offer per facility and demand, whatever races.
+        Index("uq_demand_offer_open", "demand_id", "facility_id", unique=True,
+              sqlite_where=text("status = 'open'"), postgresql_where=text("status = 'open'")),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)

@@ -81,7 +81,19 @@ def check_demand_text(text: Any) -> str:
         raise InvalidInput("Describe what you need.", field="text", code="missing_field")
     if len(text) > MAX_TEXT:
         raise InvalidInput(f"The text is too long ({MAX_TEXT} characters at most).", field="text", code="too_long")
+    if "\x00" in text or not _encodable(text):
+        raise InvalidInput("The text contains characters that are not valid text.", field="text",
+                           code="invalid_text")
     return text.strip()
+
+
+def _encodable(text: str) -> bool:
+    # A lone surrogate ("\ud800") survives JSON decoding but no database or model can take it.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def check_region(session: Session, region: str | None) -> str | None:
@@ -134,6 +146,9 @@ def match(
             notice = KEYWORD_NOTICE.format(reason=reason)
         elif encoder is not None and not plan.semantic_text:
             notice = "No English gist could be derived from this demand; ranked by keywords only."
+        elif encoder is not None:
+            notice = ("The catalogue's embeddings are not computed yet (run `labcommons matching reindex`); "
+                      "ranked by keywords only.")
     return MatchOutcome(
         mode=mode, notice=notice, results=results, took_ms=(time.perf_counter() - started) * 1000,
         corrections=plan.corrections, index_size=index.size,
@@ -225,17 +240,22 @@ def _explain(
     session: Session, plan: QueryPlan, c: Candidate, item: Any, doc_tokens: set[str], region: str | None,
     now: datetime, prices: _PriceContext | None,
 ) -> dict[str, Any]:
-    original = [t for t, w in plan.tokens.items() if w >= 0.8 and t in doc_tokens]
-    expanded = [t for t, w in plan.tokens.items() if w < 0.8 and t in doc_tokens]
+    matched = [w for w in plan.words if w in doc_tokens]
     concepts = []
+    related: list[str] = []
     for term, concept in plan.concepts:
-        concept_tokens = {tok for other in concept.terms for tok in mtext.tokens(other)}
-        if concept_tokens & doc_tokens:
+        # A concept explains this item when the item is in the concept's field or carries one of its terms whole.
+        in_field = bool(concept.category and c.category_code
+                        and (c.category_code + ".").startswith(concept.category + "."))
+        carried = [other for other in concept.terms
+                   if other != term and len(other) >= 2 and _carries(doc_tokens, other)]
+        if in_field or carried:
             concepts.append({"term": term, "category": concept.category,
-                             "means": [t for t in concept.terms if t != term][:4]})
+                             "means": (carried or [t for t in concept.terms if t != term])[:4]})
+            related.extend(t for t in carried if t not in related and t not in matched)
     explanation: dict[str, Any] = {
-        "matched_terms": _readable(original)[:12],
-        "related_terms": _readable(expanded)[:8],
+        "matched_terms": _readable(matched)[:12],
+        "related_terms": related[:8],
         "concepts": concepts[:5],
         "category_match": c.category > 0,
         "keyword": round(c.keyword, 4),
@@ -254,10 +274,16 @@ def _explain(
     if prices is not None:
         explanation["price"] = _price(prices, c.kind, item)
         if c.kind == "instrument":
-            slot = earliest_free(session, item, now)
+            slot = earliest_free(item, now, prices.busy.get(item.id, []))
             explanation["earliest_slot"] = None if slot is None else slot.isoformat()
             explanation["earliest_slot_minutes"] = item.min_booking_minutes
     return explanation
+
+
+def _carries(doc_tokens: set[str], term: str) -> bool:
+    """Whether every word of a thesaurus term is among the item's tokens."""
+    words = mtext.tokens(term, bigrams=False)
+    return bool(words) and all(w in doc_tokens for w in words)
 
 
 def _readable(tokens: list[str]) -> list[str]:
@@ -270,17 +296,22 @@ def _readable(tokens: list[str]) -> list[str]:
     return out
 
 
-def earliest_free(session: Session, instrument: Instrument, now: datetime) -> datetime | None:
-    """Start of the first free interval of the instrument's minimum booking length within the horizon."""
+def earliest_free(instrument: Instrument, now: datetime, busy: list[tuple[datetime, datetime]]) -> datetime | None:
+    """Start of the first free interval of the instrument's minimum booking length within the horizon, given its
+    active bookings (start, end) in that window, in start order."""
     if instrument.status != InstrumentStatus.active:
         return None
     start = booking.align_up(now, instrument.slot_minutes)
-    free = booking.availability(session, instrument.id, start, start + SLOT_HORIZON).free
+    end = start + SLOT_HORIZON
     need = timedelta(minutes=instrument.min_booking_minutes)
-    for interval in free:
-        first = booking.align_up(interval.starts_at, instrument.slot_minutes)
-        if interval.ends_at - first >= need:
+    cursor = start
+    for busy_start, busy_end in [*busy, (end, end)]:
+        first = booking.align_up(cursor, instrument.slot_minutes)
+        if min(busy_start, end) - first >= need:
             return first
+        cursor = max(cursor, busy_end)
+        if cursor >= end:
+            break
     return None
 
 
@@ -291,6 +322,8 @@ class _PriceContext:
     rates: dict[str, list[Any]]
     payer: Institution | None
     services: dict[int, Service]
+    # Active bookings of the listed instruments within the slot horizon, by instrument, in start order.
+    busy: dict[int, list[tuple[datetime, datetime]]] = field(default_factory=dict)
 
 
 def _price_context(session: Session, actor: Actor | None, kept: list[tuple[Candidate, Any]],
@@ -299,12 +332,17 @@ def _price_context(session: Session, actor: Actor | None, kept: list[tuple[Candi
 
     service_ids = {item.consultation_service_id for c, item in kept
                    if c.kind == "expert" and item.consultation_service_id is not None}
-    services = {s.id: s for s in session.scalars(select(Service).where(Service.id.in_(service_ids)))}
+    services = {s.id: s for s in session.scalars(
+        select(Service).where(Service.id.in_(service_ids)).options(joinedload(Service.facility))
+    )}
     keys = [rates.target_key(instrument_id=item.id) if c.kind == "instrument" else rates.target_key(service_id=item.id)
             for c, item in kept if c.kind != "expert"]
     keys += [rates.target_key(service_id=i) for i in services]
     payer = session.get(Institution, actor.institution_id) if actor and actor.institution_id else None
-    return _PriceContext(rates=rates.rates_in_force(session, keys, now.date()), payer=payer, services=services)
+    instrument_ids = [item.id for c, item in kept if c.kind == "instrument"]
+    busy = booking.busy_intervals(session, instrument_ids, now, now + SLOT_HORIZON + timedelta(days=1))
+    return _PriceContext(rates=rates.rates_in_force(session, keys, now.date()), payer=payer, services=services,
+                         busy=busy)
 
 
 def _price(prices: _PriceContext, kind: str, item: Any) -> dict[str, Any] | None:

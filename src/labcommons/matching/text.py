@@ -68,21 +68,26 @@ def _ensure_jieba() -> None:
         _jieba_ready = True
 
 
-def _cjk_tokens(run: str) -> list[str]:
+def _cjk_tokens(run: str, bigrams: bool = True) -> list[str]:
     out = [w for w in jieba.cut_for_search(run) if w.strip() and w not in STOPWORDS_ZH and len(w) > 1]
-    out.extend(run[i : i + 2] for i in range(len(run) - 1) if run[i : i + 2] not in STOPWORDS_ZH)
+    if bigrams:
+        out.extend(run[i : i + 2] for i in range(len(run) - 1) if run[i : i + 2] not in STOPWORDS_ZH)
     if len(run) == 1 and run not in STOPWORDS_ZH:
         out.append(run)
     return out
 
 
-def tokens(text: str) -> list[str]:
-    """Index and query tokens of a text, in order, repeats kept (term frequency counts)."""
+def tokens(text: str, *, bigrams: bool = True) -> list[str]:
+    """Index and query tokens of a text, in order, repeats kept (term frequency counts).
+
+    `bigrams=False` leaves out the character bigrams of Chinese runs: the words a person would recognise, for
+    explanations (a bigram such as 「量基」 from 「高通量基因」 crosses a word boundary).
+    """
     _ensure_jieba()
     out: list[str] = []
     for segment in _SEGMENT.findall(_normalise(text)):
         if _CJK_RUN.fullmatch(segment):
-            out.extend(_cjk_tokens(segment))
+            out.extend(_cjk_tokens(segment, bigrams))
             continue
         parts = _LATIN_PART.findall(segment)
         for part in parts:

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session, selectinload
 from sqlalchemy.orm.attributes import set_committed_value
 
 from labcommons.actor import Actor
-from labcommons.catalog.models import PriceUnit
+from labcommons.catalog.models import PriceUnit, Service
 from labcommons.db import utcnow
 from labcommons.errors import Conflict, InvalidInput, NotFound
 from labcommons.orders import service
@@ -272,6 +272,23 @@ def auto_quote(session: Session, order: ServiceOrder) -> Quote | None:
     valid_until = service.facility_today() + timedelta(days=AUTO_QUOTE_DAYS)
     quote = _insert_quote(session, order, validate_lines([line]), valid_until, "", None)
     service.apply_transition(session, order, S.quoted, actor_id=None, comment=AUTO_QUOTE_COMMENT)
+    return quote
+
+
+def quote_agreed_price(session: Session, order: ServiceOrder, amount_fen: int, *, note: str,
+                       created_by_id: int | None) -> Quote:
+    """Quote a just-submitted order at a price its facility agreed beforehand (an accepted offer on a posted
+    demand): one line for the whole work; the user accepts it as any quote, which holds it on their account."""
+    if order.status != S.submitted:
+        raise IllegalTransition(f"An order that is {order.status.value} cannot be quoted.", field="to",
+                                status=order.status.value, allowed=[])
+    svc = session.get(Service, order.service_id)
+    assert svc is not None
+    name = svc.name_zh if not svc.name_en or svc.name_en == svc.name_zh else f"{svc.name_zh} / {svc.name_en}"
+    lines = validate_lines([LineIn(name[:MAX_DESCRIPTION], 1, amount_fen)])
+    valid_until = service.facility_today() + timedelta(days=AUTO_QUOTE_DAYS)
+    quote = _insert_quote(session, order, lines, valid_until, note[:MAX_NOTE], created_by_id)
+    service.apply_transition(session, order, S.quoted, actor_id=created_by_id, comment=note[:MAX_NOTE])
     return quote
 
 

@@ -16,11 +16,12 @@ from sqlalchemy.orm import Session, joinedload
 
 from labcommons.actor import Actor
 from labcommons.catalog.models import Facility, Service
-from labcommons.db import utcnow
+from labcommons.db import MAX_ID, utcnow
 from labcommons.errors import Conflict, Forbidden, InvalidInput, NotFound
 from labcommons.identity import roles
 from labcommons.identity.models import Role, User
 from labcommons.identity.roles import Action, FacilityRef
+from labcommons.matching.models import Expert
 from labcommons.orders.models import OrderEvent, OrderMessage, OrderStatus, ResultFile, Sample, ServiceOrder
 from labcommons.pagination import decode_keyset, encode_cursor
 
@@ -389,11 +390,14 @@ def create_order(
     wanted_by: date | None = None,
     contact_phone: str = "",
     account_id: int | None = None,
+    expert_id: int | None = None,
 ) -> ServiceOrder:
     """A draft order of an active service by the actor; submitting it is the `submitted` transition.
 
     When the facility charges, the order is tied to the funding account it will be charged to (`account_id`, or
     the actor's only account); accepting a quote holds its total there, delivering results charges it.
+    `expert_id` names the expert a consultation asks for: an active expert of the service's facility, or one
+    whose consultation service this is.
     """
     roles.require(actor, Action.order_service)
     service = session.get(Service, service_id, options=[joinedload(Service.facility)])
@@ -414,10 +418,13 @@ def create_order(
                            code="too_long")
     if wanted_by is not None and wanted_by < facility_today():
         raise InvalidInput("The wanted-by date is in the past.", field="wanted_by", code="date_in_past")
+    if expert_id is not None:
+        _check_expert(session, expert_id, service)
     order = ServiceOrder(
         service_id=service.id, facility_id=service.facility_id, user_id=actor.user_id, status=S.draft, version=1,
         title=title, description=description.strip(), sample_count=sample_count,
         sample_description=sample_description.strip(), wanted_by=wanted_by, contact_phone=contact_phone.strip(),
+        expert_id=expert_id,
     )
     session.add(order)
     session.flush()
@@ -429,6 +436,16 @@ def create_order(
 
     ledger.order_account(session, actor, order, account_id, now=utcnow())
     return order
+
+
+def _check_expert(session: Session, expert_id: int, service: Service) -> None:
+    # The column has no foreign key (see ServiceOrder.expert_id), so the link is checked here.
+    expert = session.get(Expert, expert_id) if 0 < expert_id <= MAX_ID else None
+    if expert is None or not expert.is_active or not (
+        expert.consultation_service_id == service.id or expert.facility_id == service.facility_id
+    ):
+        raise InvalidInput("This expert does not consult through this service.", field="expert_id",
+                           code="invalid_expert")
 
 
 def events_of(session: Session, order: ServiceOrder) -> list[OrderEvent]:

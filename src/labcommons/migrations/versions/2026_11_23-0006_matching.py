@@ -6,12 +6,12 @@ Create Date: 2026-11-23 22:34:57.938491
 """
 
 from collections.abc import Sequence
+from datetime import UTC, datetime
 
 import sqlalchemy as sa
 from alembic import op
 
 import labcommons.db
-
 
 revision: str = "0006"
 down_revision: str | None = "0005"
@@ -215,6 +215,13 @@ def upgrade() -> None:
     with op.batch_alter_table("demand_offer", schema=None) as batch_op:
         batch_op.create_index("ix_demand_offer_demand", ["demand_id", "status"], unique=False)
         batch_op.create_index("ix_demand_offer_facility", ["facility_id", "created_at"], unique=False)
+        batch_op.create_index(
+            "uq_demand_offer_open",
+            ["demand_id", "facility_id"],
+            unique=True,
+            sqlite_where=sa.text("status = 'open'"),
+            postgresql_where=sa.text("status = 'open'"),
+        )
 
     with op.batch_alter_table("service_order", schema=None) as batch_op:
         batch_op.add_column(sa.Column("expert_id", sa.Integer(), nullable=True))
@@ -222,6 +229,8 @@ def upgrade() -> None:
 
     # Every item already in the catalogue gets a dirty document, which the matcher computes on its first refresh.
     true = sa.true()
+    # Bound through the column type, so the stored text is exactly what the ORM writes and compares later.
+    now = sa.bindparam("now", datetime.now(UTC), type_=labcommons.db.UTCDateTime())
     match_document = sa.table(
         "match_document",
         sa.column("kind"),
@@ -258,7 +267,7 @@ def upgrade() -> None:
                     sa.literal(""),
                     sa.literal(""),
                     sa.literal(""),
-                    sa.func.current_timestamp(),
+                    now,
                 ),
             )
         )
@@ -273,6 +282,7 @@ def downgrade() -> None:
         batch_op.drop_column("expert_id")
 
     with op.batch_alter_table("demand_offer", schema=None) as batch_op:
+        batch_op.drop_index("uq_demand_offer_open")
         batch_op.drop_index("ix_demand_offer_facility")
         batch_op.drop_index("ix_demand_offer_demand")
 
