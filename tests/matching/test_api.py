@@ -155,7 +155,7 @@ def test_post_demand_is_idempotent(client: TestClient, mw: MatchWorld) -> None:
     ({"budget_fen": -1}, "budget_fen"),
     ({"budget_fen": 1.5}, "budget_fen"),
     ({"budget_fen": True}, "budget_fen"),
-    ({"budget_fen": 2**31}, "budget_fen"),
+    ({"budget_fen": 10_000_000_001}, "budget_fen"),
     ({"budget_fen": 10**30}, "budget_fen"),
     ({"deadline": "2020-01-01"}, "deadline"),
     ({"deadline": "tomorrow"}, "deadline"),

@@ -76,7 +76,7 @@ def test_a_saved_demand_keeps_its_matches_and_details(mw: MatchWorld) -> None:
     ({"text": ""}, "text"),
     ({"text": "x" * 2001}, "text"),
     ({"budget_fen": -1}, "budget_fen"),
-    ({"budget_fen": 2**31}, "budget_fen"),
+    ({"budget_fen": 10_000_000_001}, "budget_fen"),
     ({"budget_fen": True}, "budget_fen"),
     ({"budget_fen": 10.5}, "budget_fen"),
     ({"deadline": "yesterday"}, "deadline"),

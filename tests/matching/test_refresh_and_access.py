@@ -152,3 +152,14 @@ def test_the_earliest_free_slot_skips_booked_time(world: World, keyword_only: No
         busy = matching.booking.busy_intervals(s, [instrument.id], now, now + timedelta(days=31))
         assert matching.earliest_free(instrument, now, busy.get(instrument.id, [])) == start + timedelta(hours=3)
         assert matching.earliest_free(instrument, now, []) == start
+
+
+def test_a_large_rnd_budget_and_offer_price_are_kept_to_the_fen(mw: MatchWorld, keyword_only: None) -> None:
+    # ¥50,000,000.01 is beyond a 32-bit integer of fen: the columns are 64-bit on both engines.
+    amount = 5_000_000_001
+    demand_id = post(mw, budget_fen=amount)
+    offer_id = offer(mw, demand_id, price_fen=amount)
+    with mw.db.unit_of_work(write=False) as s:
+        view = demands.get_demand(s, mw.actor("bob"), demand_id)
+        assert view.demand.budget_fen == amount
+        assert [o.offer.price_fen for o in view.offers if o.offer.id == offer_id] == [amount]

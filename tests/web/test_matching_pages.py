@@ -313,7 +313,8 @@ def test_expert_directory_and_profile(client: TestClient, mw: MatchWorld) -> Non
     luo = mw.experts["LUO"]
     profile = client.get(f"/experts/{luo}")
     assert profile.status_code == 200 and "spatial transcriptomics study design" in profile.text
-    assert f'href="/services/{mw.services["CONSULT"]}"' in profile.text and "Request a consultation" in profile.text
+    assert f'href="/services/{mw.services["CONSULT"]}/order?expert_id=' in profile.text
+    assert "Request a consultation" in profile.text
     assert "Edit profile" not in profile.text
     chinese(client)
     zh = client.get(f"/experts/{luo}")
@@ -387,3 +388,30 @@ def test_what_users_type_is_escaped(client: TestClient, mw: MatchWorld) -> None:
     inbox = client.get(f"/manage/demands/facilities/{mw.world.facilities['CQ-LAB']}")
     assert "<script>alert" not in inbox.text and "&lt;script&gt;alert" in inbox.text
 
+
+
+def test_a_consultation_requested_from_an_expert_profile_names_the_expert(client: TestClient, mw: MatchWorld) -> None:
+    english(client)
+    sign_in(client, "bob")
+    expert_id, service_id = mw.experts["LUO"], mw.services["CONSULT"]
+    profile = client.get(f"/experts/{expert_id}")
+    assert f'href="/services/{service_id}/order?expert_id={expert_id}"' in profile.text
+    form = client.get(f"/services/{service_id}/order?expert_id={expert_id}")
+    assert form.status_code == 200 and "Consultation with" in form.text
+    assert f'name="expert_id" value="{expert_id}"' in form.text
+    # An expert of another service's facility is not offered on this form.
+    assert 'name="expert_id"' not in client.get(f"/services/{mw.services['MS']}/order?expert_id={expert_id}").text
+    placed = client.post(f"/services/{service_id}/order", data={
+        "csrf_token": csrf_of(form.text), "title": "Study design for embryo sections", "description": "",
+        "sample_count": "0", "sample_description": "", "wanted_by": "", "contact_phone": "", "action": "draft",
+        "expert_id": str(expert_id)}, follow_redirects=False)
+    assert placed.status_code == 303, placed.text
+    with mw.db.unit_of_work(write=False) as s:
+        order = s.scalars(select(ServiceOrder).where(ServiceOrder.title == "Study design for embryo sections")).one()
+        assert order.expert_id == expert_id
+    # A forged expert of another facility is refused, with the form again.
+    refused = client.post(f"/services/{mw.services['MS']}/order", data={
+        "csrf_token": csrf_of(form.text), "title": "x", "action": "draft", "expert_id": str(expert_id)})
+    assert refused.status_code == 422
+    with mw.db.unit_of_work(write=False) as s:
+        assert s.scalars(select(ServiceOrder).where(ServiceOrder.title == "x")).first() is None

@@ -42,8 +42,8 @@ from labcommons.orders import quotes
 from labcommons.orders import service as orders
 from labcommons.orders.models import OrderStatus, ServiceOrder
 
-# The money columns of demands and offers are 32-bit integers: a larger amount would fail in PostgreSQL.
-MAX_FEN = 2**31 - 1
+# ¥100 million, as for a quote line's unit price (a demand's budget or an offer's price may be a large R&D contract).
+MAX_FEN = 10_000_000_000
 MAX_SAMPLE_TYPE = 200
 MAX_MESSAGE = 5000
 DEFAULT_MIN_SCORE = 0.3

@@ -14,6 +14,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     CheckConstraint,
     Date,
@@ -134,7 +135,7 @@ class Demand(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("user_account.id"))
     text: Mapped[str] = mapped_column(Text)
-    budget_fen: Mapped[int | None] = mapped_column(Integer)
+    budget_fen: Mapped[int | None] = mapped_column(BigInteger)
     deadline: Mapped[date | None] = mapped_column(Date)
     region_code: Mapped[str | None] = mapped_column(ForeignKey("region.code"))
     sample_type: Mapped[str] = mapped_column(String(200), default="")
@@ -201,7 +202,7 @@ class DemandOffer(Base):
     service_id: Mapped[int] = mapped_column(ForeignKey("service.id"))
     expert_id: Mapped[int | None] = mapped_column(ForeignKey("expert.id"))
     message: Mapped[str] = mapped_column(Text, default="")
-    price_fen: Mapped[int | None] = mapped_column(Integer)
+    price_fen: Mapped[int | None] = mapped_column(BigInteger)
     available_from: Mapped[date | None] = mapped_column(Date)
     status: Mapped[OfferStatus] = mapped_column(_enum(OfferStatus, "offer_status"), default=OfferStatus.open)
     order_id: Mapped[int | None] = mapped_column(ForeignKey("service_order.id"), unique=True)

@@ -160,10 +160,10 @@ _ORDER_FIELDS = ("title", "description", "sample_count", "sample_description", "
 
 
 def _order_form(request: Request, svc: Service, form: dict[str, str], status_code: int = 200,
-                error: str | None = None, error_field: str | None = None) -> HTMLResponse:
+                error: str | None = None, error_field: str | None = None, expert: Any = None) -> HTMLResponse:
     return render(
         request, "orders/order_form.html", status_code, page_path=f"/services/{svc.id}/order", service=svc,
-        form=form, error=error, error_field=error_field,
+        form=form, error=error, error_field=error_field, expert=expert,
         price_unit=_(PRICE_UNIT_LABELS.get(svc.price_unit, PRICE_UNIT_LABELS[PriceUnit.sample])),
         today=service.facility_today().isoformat(),
     )
@@ -176,7 +176,24 @@ def order_form(service_id: Id, request: Request, db: Annotated[Database, Depends
     roles.require(actor, Action.order_service)
     with db.unit_of_work(write=False) as session:
         svc = service.orderable_service(session, service_id)
-    return _order_form(request, svc, dict.fromkeys(_ORDER_FIELDS, ""))
+        expert = _consulted_expert(session, svc, request.query_params.get("expert_id", ""))
+    form = dict.fromkeys(_ORDER_FIELDS, "") | {"expert_id": str(expert.id) if expert else ""}
+    return _order_form(request, svc, form, expert=expert)
+
+
+def _consulted_expert(session: Any, svc: Service, raw: str) -> Any:
+    """The expert a consultation order names (from an expert's profile), or None when absent or not of this
+    service; the order itself checks it again."""
+    from labcommons.matching import experts  # matching links experts to orders, so it imports this domain
+
+    if not raw.isdigit() or len(raw) > 12:
+        return None
+    try:
+        expert = experts.get_expert(session, int(raw))
+    except DomainError:
+        return None
+    fits = expert.consultation_service_id == svc.id or expert.facility_id == svc.facility_id
+    return expert if fits else None
 
 
 @router.post("/services/{service_id}/order", response_model=None)
@@ -186,25 +203,26 @@ def place_order(
     description: Annotated[str, Form()] = "", sample_count: Annotated[str, Form()] = "",
     sample_description: Annotated[str, Form()] = "", wanted_by: Annotated[str, Form()] = "",
     contact_phone: Annotated[str, Form()] = "", action: Annotated[str, Form()] = "submit",
-    account_id: Annotated[str, Form()] = "",
+    account_id: Annotated[str, Form()] = "", expert_id: Annotated[str, Form()] = "",
 ) -> Response:
     """Save the order as a draft or submit it; the form again with the problem named, else the order's page."""
     actor = require_actor(request)
     check_csrf(request, csrf_token)
     form = {"title": title, "description": description, "sample_count": sample_count,
             "sample_description": sample_description, "wanted_by": wanted_by, "contact_phone": contact_phone,
-            "account_id": account_id}
+            "account_id": account_id, "expert_id": expert_id}
     try:
         from labcommons.billing.pages import form_account_id  # billing's pages import this module
 
         account = form_account_id(account_id)
         count = parse_int(sample_count, "sample_count", default=0)
         wanted = parse_day(wanted_by, "wanted_by")
+        expert = parse_int(expert_id, "expert_id") if expert_id.strip() else None
         with db.unit_of_work() as session:
             order = service.create_order(
                 session, actor, service_id, title=title, description=description, sample_count=count,
                 sample_description=sample_description, wanted_by=wanted, contact_phone=contact_phone,
-                account_id=account,
+                account_id=account, expert_id=expert,
             )
             if action != "draft":
                 service.transition(session, actor, order.id, S.submitted)
@@ -212,7 +230,9 @@ def place_order(
     except InvalidInput as exc:
         with db.unit_of_work(write=False) as session:
             svc = service.orderable_service(session, service_id)
-        return _order_form(request, svc, form, 422, error=error_message(exc), error_field=exc.field)
+            chosen = _consulted_expert(session, svc, expert_id.strip())
+        form["expert_id"] = str(chosen.id) if chosen else ""
+        return _order_form(request, svc, form, 422, error=error_message(exc), error_field=exc.field, expert=chosen)
     if status == S.draft:
         text = _("Draft %(number)s saved. Submit it from its page when it is ready.") % {"number": number}
     elif status == S.quoted:

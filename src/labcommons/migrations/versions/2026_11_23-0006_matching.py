@@ -47,7 +47,7 @@ def upgrade() -> None:
         sa.Column("id", sa.Integer(), nullable=False),
         sa.Column("user_id", sa.Integer(), nullable=False),
         sa.Column("text", sa.Text(), nullable=False),
-        sa.Column("budget_fen", sa.Integer(), nullable=True),
+        sa.Column("budget_fen", sa.BigInteger(), nullable=True),
         sa.Column("deadline", sa.Date(), nullable=True),
         sa.Column("region_code", sa.String(length=16), nullable=True),
         sa.Column("sample_type", sa.String(length=200), nullable=False),
@@ -178,7 +178,7 @@ def upgrade() -> None:
         sa.Column("service_id", sa.Integer(), nullable=False),
         sa.Column("expert_id", sa.Integer(), nullable=True),
         sa.Column("message", sa.Text(), nullable=False),
-        sa.Column("price_fen", sa.Integer(), nullable=True),
+        sa.Column("price_fen", sa.BigInteger(), nullable=True),
         sa.Column("available_from", sa.Date(), nullable=True),
         sa.Column(
             "status",
