@@ -23,7 +23,7 @@ from labcommons.errors import InvalidInput
 from labcommons.matching import embeddings
 from labcommons.matching import text as mtext
 from labcommons.matching.index import Candidate, MatchIndex, QueryPlan, document_tokens, load_index
-from labcommons.matching.models import Availability, Expert, ItemKind
+from labcommons.matching.models import Expert, ItemKind
 
 MAX_TEXT = 2000
 MAX_LIMIT = 50
@@ -368,7 +368,3 @@ def _price(prices: _PriceContext, kind: str, item: Any) -> dict[str, Any] | None
     if kind == "service" and item.list_price_fen is not None:
         return {"amount_fen": item.list_price_fen, "unit": item.price_unit.value, "payer_category": None}
     return None
-
-
-def expert_is_available(expert: Expert) -> bool:
-    return expert.availability != Availability.unavailable
