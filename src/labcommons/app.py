@@ -90,6 +90,8 @@ def create_app(
     api.include_router(billing_api)
     from labcommons.matching.api import router as matching_api
     api.include_router(matching_api)
+    from labcommons.reporting.api import router as reporting_api
+    api.include_router(reporting_api)
 
     @api.get("/health", tags=["ops"])
     def health() -> dict[str, str]:
@@ -138,6 +140,8 @@ def create_app(
     app.include_router(invoice_pages)
     from labcommons.matching.pages import router as matching_pages
     app.include_router(matching_pages)
+    from labcommons.reporting.pages import router as reporting_pages
+    app.include_router(reporting_pages)
     app.mount("/static", StaticFiles(directory=Path(__file__).parent / "static"), name="static")
 
     @app.middleware("http")

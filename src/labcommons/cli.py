@@ -89,6 +89,15 @@ def _add_matching_commands() -> None:
 
 _add_matching_commands()
 
+
+def _add_reporting_commands() -> None:
+    from labcommons.reporting.cli import reporting_app
+
+    app.add_typer(reporting_app, name="reporting", help="Sharing statistics: rebuild, status, figures, exports, reports.")
+
+
+_add_reporting_commands()
+
 _database = database
 _fail = fail
 

@@ -75,6 +75,7 @@ from labcommons.orders.models import (
     SampleEvent,
     ServiceOrder,
 )
+from labcommons.reporting.models import StatDirty, StatFacilityDay, StatInstrumentDay
 
 __all__ = [
     "AccountDeposit",
@@ -132,6 +133,9 @@ __all__ = [
     "ServiceInstrument",
     "ServiceOrder",
     "SigningKey",
+    "StatDirty",
+    "StatFacilityDay",
+    "StatInstrumentDay",
     "TalentCard",
     "TalentCardScheme",
     "TalentEntitlement",

@@ -213,3 +213,7 @@ class IdempotencyRecord(Base):
     status_code: Mapped[int] = mapped_column(Integer)
     response_body: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+# Registers the flush listener that marks changed bookings' days for the open-sharing statistics.
+import labcommons.reporting.hooks  # noqa: E402,F401

@@ -63,6 +63,8 @@ class Action(enum.StrEnum):
     grant_facility_manager = "grant_facility_manager"
     manage_institution_facilities = "manage_institution_facilities"
     grant_institution_admin = "grant_institution_admin"
+    view_facility_statistics = "view_facility_statistics"
+    view_institution_statistics = "view_institution_statistics"
     view_region_statistics = "view_region_statistics"
     view_all_statistics = "view_all_statistics"
     administer_roles = "administer_roles"
@@ -113,6 +115,12 @@ PERMISSIONS: dict[Action, Rule] = {
     Action.grant_facility_manager: Rule(Target.facility, _INST_ADMIN, "Grant or revoke facility manager"),
     Action.manage_institution_facilities: Rule(Target.institution, _INST_ADMIN, "Manage an institution's facilities"),
     Action.grant_institution_admin: Rule(Target.institution, _PLATFORM, "Grant or revoke institution administrator"),
+    Action.view_facility_statistics: Rule(
+        Target.facility, _FAC_STAFF, "Read a facility's sharing statistics, dashboards and exports"
+    ),
+    Action.view_institution_statistics: Rule(
+        Target.institution, _INST_ADMIN, "Read an institution's sharing statistics and its annual evaluation report"
+    ),
     Action.view_region_statistics: Rule(
         Target.region, frozenset({Role.region_authority, Role.platform_admin}), "Read a region's statistics"
     ),
@@ -182,6 +190,7 @@ SCOPES: dict[str, str] = {
     "billing:write": N_("Manage funding accounts, rates, vouchers and charges your roles allow"),
     "demands:read": N_("Read your demands, their matches and offers; a facility's demand inbox"),
     "demands:write": N_("Post demands, accept offers; answer demands and edit experts your roles allow"),
+    "stats:read": N_("Read the sharing statistics, dashboards, exports and reports your roles allow"),
     "account": N_("Read your account and manage your API tokens"),
     "admin": N_("Administration your roles allow"),
 }
@@ -465,6 +474,19 @@ ROUTES: dict[tuple[str, str], Access] = {
     ("GET", "/api/v1/experts/{expert_id}"): "public",
     ("POST", "/api/v1/experts"): Action.manage_experts,
     ("PATCH", "/api/v1/experts/{expert_id}"): "user",
+    # Open-sharing statistics (reporting/api.py, reporting/pages.py). Every one needs some statistics role; which
+    # scope (platform, region, institution, facility) a caller may read is decided in reporting/service.py.
+    ("GET", "/api/v1/stats/scopes"): "user",
+    ("GET", "/api/v1/stats/status"): Action.view_all_statistics,
+    ("GET", "/api/v1/stats/dashboard"): Action.view_facility_statistics,
+    ("GET", "/api/v1/stats/instruments"): Action.view_facility_statistics,
+    ("GET", "/api/v1/stats/export.xlsx"): Action.view_facility_statistics,
+    ("GET", "/api/v1/stats/tables/{table}.csv"): Action.view_facility_statistics,
+    ("GET", "/api/v1/stats/reports/{institution_id}/{year}.pdf"): Action.view_institution_statistics,
+    ("GET", "/stats"): Action.view_facility_statistics,
+    ("GET", "/stats/export.xlsx"): Action.view_facility_statistics,
+    ("GET", "/stats/tables/{table}.csv"): Action.view_facility_statistics,
+    ("GET", "/stats/reports/{institution_id}/{year}.pdf"): Action.view_institution_statistics,
     ("GET", "/match"): "public",
     ("GET", "/demands"): Action.post_demand,
     ("POST", "/demands"): Action.post_demand,

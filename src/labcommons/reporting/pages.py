@@ -1,0 +1,7 @@
+"""Statistics pages (in progress)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+router = APIRouter()

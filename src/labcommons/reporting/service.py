@@ -1,0 +1,730 @@
+"""Open-sharing metrics for a scope (platform, region, institution, facility) and a period of local days.
+
+Booking metrics come from the pre-aggregated tables (reporting/models.py, kept current by reporting/aggregate.py);
+orders, revenue and ratings from their own tables, which are small enough to sum directly. docs/metrics.md defines
+every figure; this module is that definition in SQL.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import statistics
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import date, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import distinct, func, select
+from sqlalchemy.orm import Session
+
+from labcommons.actor import Actor
+from labcommons.billing.models import Charge
+from labcommons.booking.models import Booking, BookingKind, BookingPolicy
+from labcommons.booking.policy import WEEKDAYS, parse_hours
+from labcommons.catalog.models import Facility, Institution, Instrument, InstrumentStatus, Region
+from labcommons.errors import InvalidInput, NotFound
+from labcommons.identity.models import User
+from labcommons.identity.roles import PERMISSIONS, Action, FacilityRef, authorize, require
+from labcommons.orders.models import OrderEvent, OrderRating, OrderStatus, ServiceOrder
+from labcommons.reporting import aggregate
+from labcommons.reporting.models import (
+    HOUR_COLUMNS,
+    LEAD_BUCKET_HOURS,
+    LEAD_COLUMNS,
+    StatFacilityDay,
+    StatInstrumentDay,
+)
+
+MAX_PERIOD_DAYS = 3 * 366 + 1
+TOP_N = 10
+
+
+class ScopeKind(enum.StrEnum):
+    platform = "platform"
+    region = "region"
+    institution = "institution"
+    facility = "facility"
+
+
+# What a scope is broken down into in its breakdown table.
+CHILD_KIND = {
+    ScopeKind.platform: ScopeKind.region,
+    ScopeKind.region: ScopeKind.institution,
+    ScopeKind.institution: ScopeKind.facility,
+    ScopeKind.facility: None,
+}
+
+
+@dataclass(frozen=True)
+class Scope:
+    """What the figures cover: the whole platform, or one region, institution or facility."""
+
+    kind: ScopeKind
+    key: str = ""  # region code, institution id or facility id as text; "" for the platform
+    name_zh: str = ""
+    name_en: str = ""
+    region_code: str | None = None
+
+    @property
+    def token(self) -> str:
+        """The scope as the API and pages write it: `platform`, `region:CQ`, `institution:3`, `facility:7`."""
+        return self.kind.value if self.kind is ScopeKind.platform else f"{self.kind.value}:{self.key}"
+
+    def name(self, locale: str) -> str:
+        return self.name_zh if locale.startswith("zh") else self.name_en
+
+
+@dataclass(frozen=True)
+class Period:
+    """Local days first … last, both included."""
+
+    first: date
+    last: date
+
+    @property
+    def days(self) -> int:
+        return (self.last - self.first).days + 1
+
+
+# --------------------------------------------------------------------------------------------- scopes and periods
+
+
+def parse_period(first: str | date | None, last: str | date | None, *, today: date) -> Period:
+    """A period from ISO dates; the default is the calendar year so far (1 January … today)."""
+    start = _as_date(first, "from") if first not in (None, "") else date(today.year, 1, 1)
+    end = _as_date(last, "to") if last not in (None, "") else today
+    if end < start:
+        raise InvalidInput("The period ends before it starts.", field="to")
+    if (end - start).days + 1 > MAX_PERIOD_DAYS:
+        raise InvalidInput(f"A period may cover at most {MAX_PERIOD_DAYS} days.", field="to")
+    return Period(start, end)
+
+
+def year_period(year: int) -> Period:
+    """The calendar year `year`."""
+    if not 2000 <= year <= 2100:
+        raise InvalidInput("The year must lie between 2000 and 2100.", field="year")
+    return Period(date(year, 1, 1), date(year, 12, 31))
+
+
+def _as_date(value: str | date | None, name: str) -> date:
+    if isinstance(value, date):
+        return value
+    try:
+        return date.fromisoformat(str(value))
+    except ValueError:
+        raise InvalidInput("Give a date as YYYY-MM-DD.", field=name) from None
+
+
+def parse_scope_token(token: str | None) -> tuple[ScopeKind, str]:
+    """Split `region:CQ` into its kind and key."""
+    raw = (token or "").strip()
+    kind_text, _, key = raw.partition(":")
+    try:
+        kind = ScopeKind(kind_text)
+    except ValueError:
+        raise InvalidInput("A scope is platform, region:CODE, institution:ID or facility:ID.", field="scope") from None
+    if kind is ScopeKind.platform:
+        return kind, ""
+    if not key or (kind is not ScopeKind.region and not key.isdigit()) or len(key) > 20:
+        raise InvalidInput("A scope is platform, region:CODE, institution:ID or facility:ID.", field="scope")
+    return kind, key
+
+
+def resolve_scope(session: Session, actor: Actor | None, token: str | None) -> Scope:
+    """The scope named by `token`, if the actor may read its statistics (Forbidden otherwise, NotFound if unknown)."""
+    kind, key = parse_scope_token(token)
+    if kind is ScopeKind.platform:
+        require(actor, Action.view_all_statistics)
+        return Scope(kind, "", "全平台", "Whole platform", None)
+    if kind is ScopeKind.region:
+        region = session.get(Region, key)
+        if region is None:
+            raise NotFound("No such region.", field="scope")
+        require(actor, Action.view_region_statistics, region_code=region.code)
+        return Scope(kind, region.code, region.name_zh, region.name_en, region.code)
+    if kind is ScopeKind.institution:
+        institution = session.get(Institution, int(key))
+        if institution is None:
+            raise NotFound("No such institution.", field="scope")
+        if not authorize(actor, Action.view_region_statistics, region_code=institution.region_code):
+            require(actor, Action.view_institution_statistics, institution_id=institution.id)
+        return Scope(kind, str(institution.id), institution.name_zh, institution.name_en, institution.region_code)
+    facility = session.get(Facility, int(key))
+    if facility is None:
+        raise NotFound("No such facility.", field="scope")
+    institution = session.get(Institution, facility.institution_id)
+    region_code = institution.region_code if institution else None
+    if not authorize(actor, Action.view_region_statistics, region_code=region_code):
+        require(actor, Action.view_facility_statistics, facility=FacilityRef.of(facility))
+    return Scope(kind, str(facility.id), facility.name_zh, facility.name_en, region_code)
+
+
+STATISTICS_ACTIONS = (Action.view_facility_statistics, Action.view_institution_statistics,
+                      Action.view_region_statistics, Action.view_all_statistics)
+
+
+def require_statistics_role(actor: Actor | None) -> Actor:
+    """The actor, if they hold some role that reads statistics (a cheap first gate before the scope is known)."""
+    from labcommons.errors import Forbidden, Unauthenticated
+
+    if actor is None:
+        raise Unauthenticated("Sign in to read statistics.")
+    roles = {role for action in STATISTICS_ACTIONS for role in PERMISSIONS[action].roles}
+    if not any(g.role in roles for g in actor.grants):
+        raise Forbidden("You may not read statistics (no facility, institution, region or platform role).",
+                        action=Action.view_facility_statistics.value)
+    return actor
+
+
+def visible_scopes(session: Session, actor: Actor | None) -> list[Scope]:
+    """The scopes whose dashboards the actor may open, widest first (empty for someone with none)."""
+    if actor is None:
+        return []
+    scopes: list[Scope] = []
+    if authorize(actor, Action.view_all_statistics):
+        scopes.append(Scope(ScopeKind.platform, "", "全平台", "Whole platform"))
+        regions = list(session.scalars(select(Region).order_by(Region.code)))
+    else:
+        codes = {g.region_code for g in actor.grants if g.region_code and g.role == "region_authority"}
+        regions = list(session.scalars(select(Region).where(Region.code.in_(codes)).order_by(Region.code)))
+    scopes += [Scope(ScopeKind.region, r.code, r.name_zh, r.name_en, r.code) for r in regions]
+    institution_ids = {g.institution_id for g in actor.grants if g.role == "institution_admin" and g.institution_id}
+    if institution_ids:
+        for inst in session.scalars(select(Institution).where(Institution.id.in_(institution_ids))
+                                    .order_by(Institution.id)):
+            scopes.append(Scope(ScopeKind.institution, str(inst.id), inst.name_zh, inst.name_en, inst.region_code))
+    facility_ids = {g.facility_id for g in actor.grants
+                    if g.role in ("facility_staff", "facility_manager") and g.facility_id}
+    if institution_ids:
+        facility_ids |= set(session.scalars(select(Facility.id).where(Facility.institution_id.in_(institution_ids))))
+    if facility_ids:
+        rows = session.execute(
+            select(Facility, Institution.region_code).join(Institution, Institution.id == Facility.institution_id)
+            .where(Facility.id.in_(facility_ids)).order_by(Facility.id))
+        for fac, region_code in rows:
+            scopes.append(Scope(ScopeKind.facility, str(fac.id), fac.name_zh, fac.name_en, region_code))
+    return scopes
+
+
+def _filter(stmt: Any, scope: Scope, region_col: Any, institution_col: Any, facility_col: Any) -> Any:
+    if scope.kind is ScopeKind.region:
+        return stmt.where(region_col == scope.key)
+    if scope.kind is ScopeKind.institution:
+        return stmt.where(institution_col == int(scope.key))
+    if scope.kind is ScopeKind.facility:
+        return stmt.where(facility_col == int(scope.key))
+    return stmt
+
+
+def _inst_filter(stmt: Any, scope: Scope) -> Any:
+    return _filter(stmt, scope, StatInstrumentDay.region_code, StatInstrumentDay.institution_id,
+                   StatInstrumentDay.facility_id)
+
+
+def _fac_filter(stmt: Any, scope: Scope) -> Any:
+    return _filter(stmt, scope, StatFacilityDay.region_code, StatFacilityDay.institution_id,
+                   StatFacilityDay.facility_id)
+
+
+def _instrument_filter(stmt: Any, scope: Scope) -> Any:
+    return _filter(stmt, scope, Instrument.region_code, Instrument.institution_id, Instrument.facility_id)
+
+
+# --------------------------------------------------------------------------------------------- results
+
+
+@dataclass
+class Totals:
+    """The headline figures of a scope and period (minutes and fen as integers; rates as fractions or None)."""
+
+    instruments: int = 0
+    bookings: int = 0
+    booked_min: int = 0
+    effective_min: int = 0
+    ext_institution_min: int = 0
+    ext_region_min: int = 0
+    maintenance_min: int = 0
+    available_min: int = 0
+    utilisation: float | None = None
+    external_share: float | None = None
+    ext_region_share: float | None = None
+    users: int = 0
+    institutions: int = 0
+    started_bookings: int = 0
+    no_shows: int = 0
+    no_show_rate: float | None = None
+    median_lead_hours: float | None = None
+    orders: int = 0
+    orders_completed: int = 0
+    median_turnaround_days: float | None = None
+    revenue_fen: int = 0
+    external_revenue_fen: int = 0
+    rating_average: float | None = None
+    ratings: int = 0
+
+
+@dataclass
+class SeriesPoint:
+    start: date
+    booked_min: int
+    effective_min: int
+    available_min: int
+    utilisation: float | None
+
+
+@dataclass
+class InstrumentRow:
+    instrument_id: int
+    code: str
+    name_zh: str
+    name_en: str
+    facility_id: int
+    region_code: str
+    bookings: int
+    booked_min: int
+    effective_min: int
+    ext_institution_min: int
+    ext_region_min: int
+    available_min: int
+    utilisation: float | None
+    no_shows: int
+
+
+@dataclass
+class BreakdownRow:
+    kind: str
+    key: str
+    name_zh: str
+    name_en: str
+    instruments: int
+    booked_min: int
+    effective_min: int
+    ext_institution_min: int
+    ext_region_min: int
+    available_min: int
+    utilisation: float | None
+    revenue_fen: int
+
+
+@dataclass
+class Flow:
+    provider_region: str
+    user_region: str
+    booked_min: int
+    effective_min: int
+    revenue_fen: int
+
+
+@dataclass
+class Dashboard:
+    """Everything a dashboard shows for one scope and period."""
+
+    scope: Scope
+    period: Period
+    today: date
+    totals: Totals
+    granularity: str  # day, week or month
+    series: list[SeriesPoint]
+    heatmap: list[list[int]]  # [weekday 0=Mon][hour] booked minutes
+    top: list[InstrumentRow]
+    idle: list[InstrumentRow]
+    idle_count: int
+    flows: list[Flow]
+    turnaround_days: list[float]  # each completed order's turnaround, for the distribution chart
+    breakdown: list[BreakdownRow] = field(default_factory=list)
+
+    def as_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["scope"] = {"token": self.scope.token, "kind": self.scope.kind.value, "key": self.scope.key,
+                         "name_zh": self.scope.name_zh, "name_en": self.scope.name_en}
+        return json.loads(json.dumps(data, default=_json_default))
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, date | datetime):
+        return value.isoformat()
+    raise TypeError(type(value).__name__)
+
+
+def _ratio(part: int | float, whole: int | float) -> float | None:
+    return round(part / whole, 4) if whole else None
+
+
+# --------------------------------------------------------------------------------------------- availability
+
+
+def _open_minutes_by_weekday(raw: str | None) -> tuple[int, ...]:
+    """Minutes an instrument is open on each weekday (Monday first); no opening hours means open all day."""
+    hours = parse_hours(raw) if raw else None
+    if hours is None:
+        return (1440,) * 7
+    result = []
+    for name in WEEKDAYS:
+        total = 0
+        for opens, closes in hours.get(name, []):
+            a, b = _clock(opens), _clock(closes)
+            total += max(b - a, 0)
+        result.append(min(total, 1440))
+    return tuple(result)
+
+
+def _clock(text: str) -> int:
+    h, m = text.split(":")
+    return int(h) * 60 + int(m)
+
+
+def _weekday_counts(period: Period) -> list[int]:
+    counts = [period.days // 7] * 7
+    for i in range(period.days % 7):
+        counts[(period.first + timedelta(days=i)).weekday()] += 1
+    return counts
+
+
+def _patterns(session: Session, scope: Scope, group: Any | None = None) -> list[tuple[Any, str | None, int]]:
+    """(group key, opening hours, number of instruments) of the scope's bookable instruments."""
+    key = group if group is not None else Instrument.region_code
+    stmt = (
+        select(key, BookingPolicy.opening_hours, func.count(Instrument.id))
+        .outerjoin(BookingPolicy, BookingPolicy.instrument_id == Instrument.id)
+        .where(Instrument.status != InstrumentStatus.retired)
+        .group_by(key, BookingPolicy.opening_hours)
+    )
+    return [(k, raw, int(n)) for k, raw, n in session.execute(_instrument_filter(stmt, scope))]
+
+
+def _available(counts: list[int], raw: str | None) -> int:
+    minutes = _open_minutes_by_weekday(raw)
+    return sum(c * m for c, m in zip(counts, minutes, strict=True))
+
+
+def available_minutes(session: Session, scope: Scope, period: Period) -> tuple[int, int]:
+    """(opening minutes of the scope's bookable instruments in the period, number of those instruments)."""
+    counts = _weekday_counts(period)
+    total = instruments = 0
+    for _key, raw, n in _patterns(session, scope):
+        total += n * _available(counts, raw)
+        instruments += n
+    return total, instruments
+
+
+# --------------------------------------------------------------------------------------------- the figures
+
+
+def _sum(column: Any) -> Any:
+    return func.coalesce(func.sum(column), 0)
+
+
+def totals(session: Session, scope: Scope, period: Period, today: date) -> Totals:
+    """The headline figures (docs/metrics.md)."""
+    t = Totals()
+    in_period = StatInstrumentDay.day.between(period.first, period.last)
+    ended = StatInstrumentDay.day < today
+    row = session.execute(_inst_filter(select(
+        _sum(StatInstrumentDay.bookings), _sum(StatInstrumentDay.booked_min), _sum(StatInstrumentDay.maintenance_min),
+    ).where(in_period), scope)).one()
+    t.bookings, t.booked_min, t.maintenance_min = (int(v) for v in row)
+    row = session.execute(_inst_filter(select(
+        _sum(StatInstrumentDay.effective_min), _sum(StatInstrumentDay.ext_institution_min),
+        _sum(StatInstrumentDay.ext_region_min), _sum(StatInstrumentDay.bookings), _sum(StatInstrumentDay.no_shows),
+    ).where(in_period, ended), scope)).one()
+    t.effective_min, t.ext_institution_min, t.ext_region_min, t.started_bookings, t.no_shows = (int(v) for v in row)
+    opening, t.instruments = available_minutes(session, scope, period)
+    t.available_min = max(opening - t.maintenance_min, 0)
+    t.utilisation = _ratio(t.booked_min, t.available_min)
+    t.external_share = _ratio(t.ext_institution_min, t.effective_min)
+    t.ext_region_share = _ratio(t.ext_region_min, t.effective_min)
+    t.no_show_rate = _ratio(t.no_shows, t.started_bookings)
+    t.users, t.institutions = users_served(session, scope, period)
+    t.median_lead_hours = median_lead_hours(session, scope, period)
+    orders_part(session, scope, period, t)
+    return t
+
+
+def users_served(session: Session, scope: Scope, period: Period) -> tuple[int, int]:
+    """Distinct bookers, and their distinct institutions, of counted use bookings starting in the period."""
+    lo, hi = aggregate.period_bounds(period.first, period.last)
+    base = (
+        select(Booking.user_id)
+        .join(Instrument, Instrument.id == Booking.instrument_id)
+        .where(Booking.starts_at >= lo, Booking.starts_at < hi, Booking.status.in_(aggregate.COUNTED_STATUSES),
+               Booking.kind == BookingKind.use.value)
+    )
+    bookers = _instrument_filter(base, scope).distinct().subquery()
+    users = int(session.scalar(select(func.count()).select_from(bookers)) or 0)
+    institutions = int(session.scalar(
+        select(func.count(distinct(User.institution_id))).join(bookers, bookers.c.user_id == User.id)) or 0)
+    return users, institutions
+
+
+def median_lead_hours(session: Session, scope: Scope, period: Period) -> float | None:
+    """Median hours from making a booking to its start, interpolated within the lead-time buckets."""
+    stmt = select(*(_sum(getattr(StatFacilityDay, c)) for c in LEAD_COLUMNS)).where(
+        StatFacilityDay.day.between(period.first, period.last))
+    counts = [int(v) for v in session.execute(_fac_filter(stmt, scope)).one()]
+    return median_from_buckets(counts)
+
+
+def median_from_buckets(counts: Sequence[int]) -> float | None:
+    """The median of values counted in LEAD_BUCKET_HOURS buckets, by linear interpolation inside its bucket
+    (the open last bucket reports its lower bound)."""
+    total = sum(counts)
+    if not total:
+        return None
+    half = total / 2
+    seen = 0
+    lower = 0.0
+    for index, count in enumerate(counts):
+        upper = float(LEAD_BUCKET_HOURS[index]) if index < len(LEAD_BUCKET_HOURS) else None
+        if count and seen + count >= half:
+            if upper is None:
+                return lower
+            return round(lower + (upper - lower) * (half - seen) / count, 2)
+        seen += count
+        lower = upper if upper is not None else lower
+    return lower
+
+
+def _order_scope(stmt: Any, scope: Scope) -> Any:
+    if scope.kind is ScopeKind.platform:
+        return stmt
+    stmt = stmt.join(Facility, Facility.id == ServiceOrder.facility_id)
+    if scope.kind is ScopeKind.facility:
+        return stmt.where(Facility.id == int(scope.key))
+    if scope.kind is ScopeKind.institution:
+        return stmt.where(Facility.institution_id == int(scope.key))
+    return stmt.join(Institution, Institution.id == Facility.institution_id).where(
+        Institution.region_code == scope.key)
+
+
+def _charge_scope(stmt: Any, scope: Scope) -> Any:
+    return _filter(stmt, scope, Charge.provider_region_code, Charge.provider_institution_id, Charge.facility_id)
+
+
+def turnaround_days(session: Session, scope: Scope, period: Period) -> list[float]:
+    """Days from submission to first delivered results, of orders whose results came in the period."""
+    lo, hi = aggregate.period_bounds(period.first, period.last)
+    delivered = (
+        select(OrderEvent.order_id, func.min(OrderEvent.at).label("at"))
+        .where(OrderEvent.to_status == OrderStatus.results_delivered)
+        .group_by(OrderEvent.order_id).subquery()
+    )
+    stmt = (
+        select(ServiceOrder.submitted_at, delivered.c.at)
+        .join(delivered, delivered.c.order_id == ServiceOrder.id)
+        .where(delivered.c.at >= lo, delivered.c.at < hi, ServiceOrder.submitted_at.is_not(None))
+    )
+    out = []
+    for submitted, done in session.execute(_order_scope(stmt, scope)):
+        out.append(round(max((done - submitted).total_seconds(), 0) / 86400, 2))
+    return sorted(out)
+
+
+def orders_part(session: Session, scope: Scope, period: Period, t: Totals) -> None:
+    """Orders submitted, orders delivered, turnaround, revenue and ratings of the period."""
+    lo, hi = aggregate.period_bounds(period.first, period.last)
+    t.orders = int(session.scalar(_order_scope(
+        select(func.count(ServiceOrder.id)).where(ServiceOrder.submitted_at >= lo, ServiceOrder.submitted_at < hi),
+        scope)) or 0)
+    turnaround = turnaround_days(session, scope, period)
+    t.orders_completed = len(turnaround)
+    t.median_turnaround_days = round(statistics.median(turnaround), 2) if turnaround else None
+    in_period = Charge.service_date.between(period.first, period.last)
+    t.revenue_fen = int(session.scalar(_charge_scope(select(_sum(Charge.amount_fen)).where(in_period), scope)) or 0)
+    t.external_revenue_fen = int(session.scalar(_charge_scope(select(_sum(Charge.amount_fen)).where(
+        in_period, Charge.payer_institution_id != Charge.provider_institution_id), scope)) or 0)
+    stmt = select(func.avg(OrderRating.score), func.count(OrderRating.order_id)).join(
+        ServiceOrder, ServiceOrder.id == OrderRating.order_id).where(
+        OrderRating.created_at >= lo, OrderRating.created_at < hi)
+    avg, count = session.execute(_order_scope(stmt, scope)).one()
+    t.ratings = int(count or 0)
+    t.rating_average = round(float(avg), 2) if avg is not None and t.ratings else None
+
+
+def granularity_for(period: Period) -> str:
+    """Day points up to 45 days, weeks up to 200 days, months beyond."""
+    if period.days <= 45:
+        return "day"
+    if period.days <= 200:
+        return "week"
+    return "month"
+
+
+def _bucket(day: date, granularity: str) -> date:
+    if granularity == "week":
+        return day - timedelta(days=day.weekday())
+    if granularity == "month":
+        return day.replace(day=1)
+    return day
+
+
+def series(session: Session, scope: Scope, period: Period, today: date) -> tuple[str, list[SeriesPoint]]:
+    """Booked and effective hours and utilisation over the period, per day, week or month."""
+    granularity = granularity_for(period)
+    stmt = select(StatInstrumentDay.day, _sum(StatInstrumentDay.booked_min), _sum(StatInstrumentDay.effective_min),
+                  _sum(StatInstrumentDay.maintenance_min)).where(
+        StatInstrumentDay.day.between(period.first, period.last)).group_by(StatInstrumentDay.day)
+    per_day = {d: (int(b), int(e), int(m)) for d, b, e, m in session.execute(_inst_filter(stmt, scope))}
+    patterns = [(raw, n) for _k, raw, n in _patterns(session, scope)]
+    open_by_weekday = [0] * 7
+    for raw, n in patterns:
+        for i, minutes in enumerate(_open_minutes_by_weekday(raw)):
+            open_by_weekday[i] += n * minutes
+    points: dict[date, list[int]] = {}
+    day = period.first
+    while day <= period.last:
+        booked, effective, maintenance = per_day.get(day, (0, 0, 0))
+        acc = points.setdefault(_bucket(day, granularity), [0, 0, 0])
+        acc[0] += booked
+        acc[1] += effective if day < today else 0
+        acc[2] += max(open_by_weekday[day.weekday()] - maintenance, 0)
+        day += timedelta(days=1)
+    return granularity, [SeriesPoint(start, b, e, a, _ratio(b, a)) for start, (b, e, a) in sorted(points.items())]
+
+
+def heatmap(session: Session, scope: Scope, period: Period) -> list[list[int]]:
+    """Booked minutes by weekday (Monday first) and local hour."""
+    stmt = select(StatFacilityDay.weekday, *(_sum(getattr(StatFacilityDay, c)) for c in HOUR_COLUMNS)).where(
+        StatFacilityDay.day.between(period.first, period.last)).group_by(StatFacilityDay.weekday)
+    grid = [[0] * 24 for _ in range(7)]
+    for weekday, *hours in session.execute(_fac_filter(stmt, scope)):
+        grid[int(weekday)] = [int(h) for h in hours]
+    return grid
+
+
+def flows(session: Session, scope: Scope, period: Period, today: date) -> list[Flow]:
+    """Hours and money between regions: provider's region × user's (payer's) region.
+
+    A region's flows include what its users used elsewhere; smaller scopes show what they provided.
+    """
+    stmt = select(StatFacilityDay.region_code, StatFacilityDay.user_region_code,
+                  _sum(StatFacilityDay.booked_min)).where(
+        StatFacilityDay.day.between(period.first, period.last)).group_by(
+        StatFacilityDay.region_code, StatFacilityDay.user_region_code)
+    eff = select(StatFacilityDay.region_code, StatFacilityDay.user_region_code,
+                 _sum(StatFacilityDay.effective_min)).where(
+        StatFacilityDay.day.between(period.first, min(period.last, today - timedelta(days=1)))).group_by(
+        StatFacilityDay.region_code, StatFacilityDay.user_region_code)
+    money = select(Charge.provider_region_code, Charge.payer_region_code, _sum(Charge.amount_fen)).where(
+        Charge.service_date.between(period.first, period.last)).group_by(
+        Charge.provider_region_code, Charge.payer_region_code)
+    if scope.kind is ScopeKind.region:
+        stmt = stmt.where((StatFacilityDay.region_code == scope.key) | (StatFacilityDay.user_region_code == scope.key))
+        eff = eff.where((StatFacilityDay.region_code == scope.key) | (StatFacilityDay.user_region_code == scope.key))
+        money = money.where((Charge.provider_region_code == scope.key) | (Charge.payer_region_code == scope.key))
+    else:
+        stmt, eff, money = _fac_filter(stmt, scope), _fac_filter(eff, scope), _charge_scope(money, scope)
+    table: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0])
+    for a, b, v in session.execute(stmt):
+        table[(a, b)][0] += int(v)
+    for a, b, v in session.execute(eff):
+        table[(a, b)][1] += int(v)
+    for a, b, v in session.execute(money):
+        table[(a, b)][2] += int(v)
+    return [Flow(a, b, *vals) for (a, b), vals in sorted(table.items()) if any(vals)]
+
+
+def instrument_rows(session: Session, scope: Scope, period: Period, today: date) -> list[InstrumentRow]:
+    """Every bookable instrument of the scope with its figures for the period (also those never booked)."""
+    counts = _weekday_counts(period)
+    booked = select(StatInstrumentDay.instrument_id, _sum(StatInstrumentDay.bookings),
+                    _sum(StatInstrumentDay.booked_min), _sum(StatInstrumentDay.maintenance_min)).where(
+        StatInstrumentDay.day.between(period.first, period.last)).group_by(StatInstrumentDay.instrument_id)
+    used = select(StatInstrumentDay.instrument_id, _sum(StatInstrumentDay.effective_min),
+                  _sum(StatInstrumentDay.ext_institution_min), _sum(StatInstrumentDay.ext_region_min),
+                  _sum(StatInstrumentDay.no_shows)).where(
+        StatInstrumentDay.day.between(period.first, period.last), StatInstrumentDay.day < today).group_by(
+        StatInstrumentDay.instrument_id)
+    first = {int(i): (int(a), int(b), int(c)) for i, a, b, c in session.execute(_inst_filter(booked, scope))}
+    second = {int(i): (int(a), int(b), int(c), int(d)) for i, a, b, c, d in session.execute(_inst_filter(used, scope))}
+    stmt = _instrument_filter(select(
+        Instrument.id, Instrument.code, Instrument.name_zh, Instrument.name_en, Instrument.facility_id,
+        Instrument.region_code, BookingPolicy.opening_hours,
+    ).outerjoin(BookingPolicy, BookingPolicy.instrument_id == Instrument.id).where(
+        Instrument.status != InstrumentStatus.retired), scope)
+    cache: dict[str | None, int] = {}
+    rows = []
+    for iid, code, name_zh, name_en, facility_id, region_code, raw in session.execute(stmt):
+        if raw not in cache:
+            cache[raw] = _available(counts, raw)
+        bookings, booked_min, maintenance = first.get(iid, (0, 0, 0))
+        effective, ext_inst, ext_region, no_shows = second.get(iid, (0, 0, 0, 0))
+        available = max(cache[raw] - maintenance, 0)
+        rows.append(InstrumentRow(iid, code, name_zh, name_en, facility_id, region_code, bookings, booked_min,
+                                  effective, ext_inst, ext_region, available, _ratio(booked_min, available), no_shows))
+    return rows
+
+
+def top_and_idle(rows: Sequence[InstrumentRow], n: int = TOP_N) -> tuple[list[InstrumentRow], list[InstrumentRow], int]:
+    """The n busiest instruments by effective then booked hours, the n least used (lowest utilisation), and how
+    many had no booked time at all."""
+    top = sorted((r for r in rows if r.booked_min), key=lambda r: (-r.effective_min, -r.booked_min, r.instrument_id))
+    idle = sorted(rows, key=lambda r: (r.utilisation or 0.0, r.booked_min, r.instrument_id))
+    return top[:n], idle[:n], sum(1 for r in rows if not r.booked_min)
+
+
+def _child_names(session: Session, kind: ScopeKind, keys: Iterable[Any]) -> dict[str, tuple[str, str]]:
+    wanted = list(keys)
+    if kind is ScopeKind.region:
+        found = session.execute(select(Region.code, Region.name_zh, Region.name_en).where(Region.code.in_(wanted)))
+    elif kind is ScopeKind.institution:
+        found = session.execute(select(Institution.id, Institution.name_zh, Institution.name_en).where(
+            Institution.id.in_(wanted)))
+    else:
+        found = session.execute(select(Facility.id, Facility.name_zh, Facility.name_en).where(Facility.id.in_(wanted)))
+    return {str(k): (zh, en) for k, zh, en in found}
+
+
+def breakdown(session: Session, scope: Scope, period: Period, today: date,
+              rows: Sequence[InstrumentRow] | None = None) -> list[BreakdownRow]:
+    """The scope's figures split by region (platform), institution (region) or facility (institution); a
+    facility's breakdown is its instrument table."""
+    child = CHILD_KIND[scope.kind]
+    if child is None:
+        return []
+    rows = rows if rows is not None else instrument_rows(session, scope, period, today)
+    key_col = {ScopeKind.region: Instrument.region_code, ScopeKind.institution: Instrument.institution_id,
+               ScopeKind.facility: Instrument.facility_id}[child]
+    owner = {int(i): k for i, k in session.execute(_instrument_filter(select(Instrument.id, key_col), scope))}
+    acc: dict[str, list[int]] = {}
+    for r in rows:
+        key = str(owner.get(r.instrument_id))
+        a = acc.setdefault(key, [0, 0, 0, 0, 0, 0])
+        a[0] += 1
+        a[1] += r.booked_min
+        a[2] += r.effective_min
+        a[3] += r.ext_institution_min
+        a[4] += r.ext_region_min
+        a[5] += r.available_min
+    revenue_col = {ScopeKind.region: Charge.provider_region_code, ScopeKind.institution: Charge.provider_institution_id,
+                   ScopeKind.facility: Charge.facility_id}[child]
+    revenue = {str(k): int(v) for k, v in session.execute(_charge_scope(
+        select(revenue_col, _sum(Charge.amount_fen)).where(Charge.service_date.between(period.first, period.last))
+        .group_by(revenue_col), scope))}
+    names = _child_names(session, child, [k if child is ScopeKind.region else int(k) for k in acc | revenue
+                                          if k != "None"])
+    out = []
+    for key in sorted(set(acc) | set(revenue), key=lambda k: (names.get(k, ("", k))[1], k)):
+        if key == "None":
+            continue
+        a = acc.get(key, [0, 0, 0, 0, 0, 0])
+        zh, en = names.get(key, (key, key))
+        out.append(BreakdownRow(child.value, key, zh, en, a[0], a[1], a[2], a[3], a[4], a[5], _ratio(a[1], a[5]),
+                                revenue.get(key, 0)))
+    return out
+
+
+def dashboard(session: Session, scope: Scope, period: Period, today: date) -> Dashboard:
+    """Every figure and chart of a scope's dashboard (call `aggregate.ensure_current` first)."""
+    rows = instrument_rows(session, scope, period, today)
+    top, idle, idle_count = top_and_idle(rows)
+    granularity, points = series(session, scope, period, today)
+    return Dashboard(
+        scope=scope, period=period, today=today, totals=totals(session, scope, period, today),
+        granularity=granularity, series=points, heatmap=heatmap(session, scope, period), top=top, idle=idle,
+        idle_count=idle_count, flows=flows(session, scope, period, today),
+        turnaround_days=turnaround_days(session, scope, period),
+        breakdown=breakdown(session, scope, period, today, rows),
+    )
