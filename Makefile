@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo test bench bench-matching lint typecheck serve browser fonts clean
+.PHONY: demo test bench bench-dashboard bench-matching lint typecheck serve browser fonts clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,11 @@ test: $(VENV)/.stamp-dev browser fonts lint typecheck
 bench: $(VENV)/.stamp-dev
 	@command -v wrk >/dev/null 2>&1 || { if [ "$$(id -u)" = "0" ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q wrk; else echo "wrk missing: falling back to the asyncio client" >&2; fi; }
 	$(BIN)/python bench/run.py
+
+# The statistics dashboard over 1M bookings (< 1 s), the statistics rebuild and the refresh after booking changes;
+# reuses the bench datasets (LC_BENCH_* variables and bench/run.py --help apply).
+bench-dashboard: $(VENV)/.stamp-dev
+	$(BIN)/python bench/run.py --only dashboard
 
 # Demand matching: top-1/top-5 hit rate and nDCG@10, keyword-only vs hybrid, on the labelled set; latency
 # on the demo catalogue and with 100k synthetic items.

@@ -47,7 +47,8 @@ def _registry() -> dict[str, Any]:
     return {}
 
 
-def _remember(key: str, info: dict[str, Any]) -> None:
+def remember(key: str, info: dict[str, Any]) -> None:
+    """Record what a dataset holds (and when it was seeded) in the registry."""
     registry = _registry()
     registry[key] = info
     DATA.mkdir(parents=True, exist_ok=True)
@@ -123,6 +124,6 @@ def ensure(
         "stage_seconds": {k: round(v, 1) for k, v in report.seconds.items()},
         "instruments": dataset.instruments, "bookings": dataset.bookings, "seed": dataset.seed,
     }
-    _remember(key, info)
+    remember(key, info)
     _log(f"seeded {key} in {info['seconds']} s {info['stage_seconds']}")
     return db, {**info, "reused": False}

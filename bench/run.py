@@ -1,5 +1,5 @@
-"""`make bench`: booking throughput over HTTP, earliest-slot and search latency; prints each figure beside its
-target and writes bench/results/latest.json.
+"""`make bench`: booking throughput over HTTP, earliest-slot and search latency, the statistics dashboard over a
+million bookings; prints each figure beside its target and writes bench/results/latest.json.
 
 Sizes come from flags or LC_BENCH_* variables (`--help` lists them); `--quick` is a small smoke run.
 Seeded databases are kept (PostgreSQL `lc_bench_*`, SQLite files in bench/results/data/) and reused while
@@ -23,6 +23,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import benchdata  # noqa: E402 - after the path set-up above
+import dashboard  # noqa: E402
 import httpbench  # noqa: E402
 import workloads  # noqa: E402
 
@@ -39,8 +40,8 @@ def _env(name: str, default: Any) -> Any:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", default=_env("only", "http,earliest,search"),
-                   help="comma-separated parts: http, earliest, search (LC_BENCH_ONLY)")
+    p.add_argument("--only", default=_env("only", "http,earliest,search,dashboard"),
+                   help="comma-separated parts: http, earliest, search, dashboard (LC_BENCH_ONLY)")
     p.add_argument("--engines", default=_env("engines", "postgresql,sqlite"), help="LC_BENCH_ENGINES")
     p.add_argument("--admin-url", default=os.environ.get("LABCOMMONS_TEST_POSTGRES_URL", DEFAULT_ADMIN_URL))
     p.add_argument("--quick", action="store_true", default=_env("quick", False),
@@ -63,8 +64,23 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="seconds at most per mix, warm-up and measurement each (LC_BENCH_BUDGET)")
     p.add_argument("--search-sizes", default=_env("search_sizes", "100000,1000000"),
                    help="instrument counts for the search benchmark")
+    p.add_argument("--dashboard-instruments", type=int, default=_env("dashboard_instruments", 100_000))
+    p.add_argument("--dashboard-bookings", type=int, default=_env("dashboard_bookings", 1_000_000),
+                   help="the dashboard's dataset (the earliest-slot one at the default sizes)")
+    p.add_argument("--dashboard-repeat", type=int, default=_env("dashboard_repeat", 7),
+                   help="timed calls per dashboard, after one warm-up call")
+    p.add_argument("--dashboard-budget", type=float, default=_env("dashboard_budget", 20.0),
+                   help="seconds per dashboard after which fewer calls are timed (at least 3)")
+    p.add_argument("--dashboard-changes", type=int, default=_env("dashboard_changes", 100),
+                   help="bookings changed through the ORM before timing the statistics refresh")
+    p.add_argument("--dashboard-http", action=argparse.BooleanOptionalAction, default=_env("dashboard_http", True),
+                   help="also time GET /api/v1/stats/dashboard and GET /stats through a server")
+    p.add_argument("--rebuild-stats", action="store_true", default=_env("rebuild_stats", False),
+                   help="rebuild the statistics even if the reused dataset has them")
     args = p.parse_args(argv)
     if args.quick:
+        args.dashboard_instruments, args.dashboard_bookings, args.dashboard_repeat = 2_000, 20_000, 3
+        args.dashboard_changes = 20
         args.http_instruments, args.http_bookings, args.http_seconds = 2_000, 2_000, 5
         args.earliest_instruments, args.earliest_bookings = 10_000, 100_000
         args.search_sizes, args.queries, args.repeat = "10000", 42, 1
@@ -97,7 +113,7 @@ def main(argv: list[str]) -> int:
     parts = {p.strip() for p in args.only.split(",") if p.strip()}
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     results: dict[str, Any] = {"machine": machine(), "config": vars(args), "loadavg_start": os.getloadavg(),
-                               "http": [], "earliest": [], "search": [], "datasets": {}}
+                               "http": [], "earliest": [], "search": [], "dashboard": [], "datasets": {}}
     if os.getloadavg()[0] > 0.5:
         print(f"note: load average {os.getloadavg()[0]:.1f} before starting: other work shares the CPUs, "
               "so timings will be worse than on an idle machine")
@@ -146,6 +162,18 @@ def main(argv: list[str]) -> int:
                     print(f"  facets {'on ' if facets else 'off'}: p50 {r['p50_ms']} ms, "
                           f"p95 {r['p95_ms']} ms, p99 {r['p99_ms']} ms, max {r['max_ms']} ms", flush=True)
                 db.dispose()
+    if "dashboard" in parts:
+        for engine in engines:
+            print(f"== dashboard: {engine}, {args.dashboard_instruments:,} instruments, "
+                  f"{args.dashboard_bookings:,} bookings", flush=True)
+            r = dashboard.run(
+                engine, args.admin_url, instruments=args.dashboard_instruments, bookings=args.dashboard_bookings,
+                max_age_days=args.max_age_days, fresh=args.fresh, repeat=args.dashboard_repeat,
+                budget=args.dashboard_budget,
+                changes=args.dashboard_changes, http=args.dashboard_http, force_rebuild=args.rebuild_stats,
+            )
+            results["datasets"][f"{engine}:dashboard"] = r.pop("dataset")
+            results["dashboard"].append(r)
     results["seconds"] = round(time.perf_counter() - started, 1)
     results["loadavg_end"] = os.getloadavg()
     out = benchdata.RESULTS / "latest.json"
@@ -180,6 +208,7 @@ def report(results: dict[str, Any]) -> str:
         label = f"search p95 {r['engine']} ({r['instruments']:,} instr., facets {facets})"
         lines.append(f"{label:<62} {r['p95_ms']:>10.1f}ms {'< 30 ms':>10}  "
                      f"{_verdict(r['p95_ms'], TARGETS['search_p95_ms'])}")
+    lines.extend(dashboard.report_lines(results["dashboard"]))
     start, end = results["loadavg_start"][0], results["loadavg_end"][0]
     lines.append(f"(load average {start:.1f} at start, {end:.1f} at end; {results['machine']['nproc']} CPUs)")
     return "\n".join(lines)

@@ -93,7 +93,7 @@ _add_matching_commands()
 def _add_reporting_commands() -> None:
     from labcommons.reporting.cli import reporting_app
 
-    app.add_typer(reporting_app, name="reporting", help="Sharing statistics: rebuild, status, figures, exports, reports.")
+    app.add_typer(reporting_app, name="reporting", help="Sharing statistics: rebuild, status, figures, exports.")
 
 
 _add_reporting_commands()
@@ -152,11 +152,19 @@ def seed_demo(bookings: int = 300) -> None:
 
             experts = seed_experts(session)
             seed_subscriptions(session)
+            from labcommons.reporting.demo import seed_history
+
+            history = seed_history(session, now=utcnow())
             console.print(
                 f"loaded {seeded.instruments} instruments, {seeded.services} services, "
                 f"{seeded.bookings} bookings, {orders} service orders, {billing.charges} charges, "
-                f"{len(billing.invoices)} invoices, {experts} experts"
+                f"{len(billing.invoices)} invoices, {experts} experts; a year of history: {history.bookings} "
+                f"bookings, {history.maintenance} maintenance blocks, {history.orders} delivered orders"
             )
+    from labcommons.reporting import aggregate
+
+    # The history's days were marked in the seeding transaction; folding them now keeps the first dashboard fast.
+    aggregate.ensure_current(db)
     console.print("[bold]Demo users[/bold] (sign in at /login with the password, or send the API token as "
                   "'Authorization: Bearer <token>'):")
     roles_of = {
@@ -411,9 +419,11 @@ def seed_synthetic(
     bookings: Annotated[int, typer.Option(min=0)] = 10000,
     seed: int = 1,
 ) -> None:
-    """Fill the database with synthetic instruments and bookings for benchmarks."""
+    """Fill the database with synthetic instruments and bookings for benchmarks, then rebuild the statistics."""
+    from labcommons.reporting import aggregate
     from labcommons.synthetic import seed_synthetic as run_seed
 
+    db = _database()
     with _progress() as progress:
         tasks: dict[str, TaskID] = {}
 
@@ -422,7 +432,10 @@ def seed_synthetic(
                 tasks[stage] = progress.add_task(stage, total=total)
             progress.update(tasks[stage], completed=done, total=total)
 
-        run_seed(_database(), instruments=instruments, bookings=bookings, seed=seed, progress=advance)
+        run_seed(db, instruments=instruments, bookings=bookings, seed=seed, progress=advance)
+        # The bulk load bypasses the booking flush listener, so no day was marked: recompute everything.
+        task = progress.add_task("statistics (facilities)", total=None)
+        aggregate.rebuild(db, progress=lambda done, total: progress.update(task, completed=done, total=total))
 
 
 def main() -> None:

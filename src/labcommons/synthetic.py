@@ -36,6 +36,10 @@ USERS_PER_INSTITUTION = 4
 # Bookings lie between PAST_DAYS before and FUTURE_DAYS after the seeding day.
 PAST_DAYS = 10
 FUTURE_DAYS = 60
+# Of the past bookings that were not cancelled: the share missed (no-shows) and the share used with a check-in
+# and check-out at the instrument; the rest count as used for their whole booked time.
+NO_SHOW_SHARE = 0.05
+CHECKED_IN_SHARE = 0.6
 
 REGIONS = (("CQ", "重庆", "Chongqing"), ("SC", "四川", "Sichuan"))
 PLACES = {
@@ -628,19 +632,38 @@ def _booking_rows(
             ends_at = starts_at + timedelta(minutes=length)
             created_at = min(starts_at, day) - timedelta(minutes=1440 + int(uniform() * 20 * 1440))
             roll = uniform()
+            checked_in_at = checked_out_at = None
+            no_show = False
             if roll < 0.08:
                 status, cancelled_at = "cancelled", created_at + timedelta(minutes=60 + int(uniform() * 2880))
             elif ends_at <= day:
                 status, cancelled_at = "completed", None
+                usage = uniform()
+                if usage < NO_SHOW_SHARE:
+                    # As booking.usage records it: the booking stays confirmed, flagged, never checked in.
+                    status, no_show = "confirmed", True
+                elif usage < NO_SHOW_SHARE + CHECKED_IN_SHARE:
+                    checked_in_at, checked_out_at = _usage_span(uniform, starts_at, ends_at)
             else:
                 status, cancelled_at = ("pending" if roll > 0.97 else "confirmed"), None
             yield {
                 "id": booking_id, "instrument_id": instrument.id, "user_id": pool[int(uniform() * len(pool))],
                 "starts_at": starts_at, "ends_at": ends_at, "status": status,
                 "purpose": PURPOSES[int(uniform() * len(PURPOSES))], "created_at": created_at,
-                "cancelled_at": cancelled_at,
+                "cancelled_at": cancelled_at, "checked_in_at": checked_in_at, "checked_out_at": checked_out_at,
+                "no_show": no_show,
             }
             booking_id += 1
+
+
+def _usage_span(uniform: Callable[[], float], starts_at: datetime, ends_at: datetime) -> tuple[datetime, datetime]:
+    """Check-in a little before or after the start, check-out before the end: used time shorter than booked."""
+    length = int((ends_at - starts_at).total_seconds()) // 60
+    checked_in_at = starts_at + timedelta(minutes=int(uniform() * 25) - 10)
+    # Up to a third of the booking (at most 90 minutes) is left unused at the end.
+    unused = int(uniform() * min(length // 3, 90))
+    checked_out_at = max(ends_at - timedelta(minutes=unused), checked_in_at + timedelta(minutes=1))
+    return checked_in_at, checked_out_at
 
 
 def _insert_bookings(

@@ -39,10 +39,11 @@ class Booking(Base):
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    instrument_id: Mapped[int] = mapped_column(ForeignKey("instrument.id"))
+    # active_history: the statistics' flush listener needs the old values of a move even when they were expired.
+    instrument_id: Mapped[int] = mapped_column(ForeignKey("instrument.id"), active_history=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("user_account.id"))
-    starts_at: Mapped[datetime] = mapped_column(UTCDateTime)
-    ends_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    starts_at: Mapped[datetime] = mapped_column(UTCDateTime, active_history=True)
+    ends_at: Mapped[datetime] = mapped_column(UTCDateTime, active_history=True)
     status: Mapped[BookingStatus] = mapped_column(
         _enum(BookingStatus, "booking_status"), default=BookingStatus.confirmed
     )

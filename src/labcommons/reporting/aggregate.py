@@ -6,7 +6,8 @@
   transaction. On PostgreSQL it takes the marks `FOR UPDATE SKIP LOCKED`: a mark still held by an uncommitted
   booking change is left for the next refresh, so no committed change is ever lost. One refresher runs at a time
   (an advisory lock on PostgreSQL; SQLite serialises writers anyway).
-- Readers call `ensure_current` first, so a dashboard always includes every committed booking; the periodic
+- Readers call `ensure_current` first, so a dashboard includes every committed booking change whose mark is not
+  held at that moment by another, still open, change of the same instrument-day; the periodic
   `stat_refresh` job keeps the backlog small.
 - `rebuild` recomputes everything (after bulk loads that bypass the ORM, such as `seed-synthetic`).
 
@@ -22,7 +23,7 @@ from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import Connection, delete, func, insert, select, text, tuple_
+from sqlalchemy import Connection, delete, func, insert, literal, or_, select, text, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, aliased
 from sqlalchemy.orm.attributes import get_history
@@ -30,7 +31,7 @@ from sqlalchemy.orm.attributes import get_history
 from labcommons import jobs
 from labcommons.booking.models import Booking, BookingKind, BookingStatus
 from labcommons.catalog.models import Instrument
-from labcommons.db import Database, utcnow
+from labcommons.db import Database, UTCDateTime, utcnow
 from labcommons.identity.models import User
 from labcommons.reporting.models import (
     HOUR_COLUMNS,
@@ -287,8 +288,13 @@ def _old(booking: Booking, attribute: str) -> Any:
 def mark_changed(session: Session) -> None:
     """After a flush: mark the instrument-days of the bookings it wrote dirty (before and after the change)."""
     keys: set[tuple[int, date]] = set()
+    moved: list[int] = []
     tz: ZoneInfo | None = None
     for obj in (*session.new, *session.dirty, *session.deleted):
+        if isinstance(obj, Instrument) and obj in session.dirty and obj.id is not None and any(
+                get_history(obj, name).has_changes() for name in _PLACEMENT):
+            moved.append(obj.id)
+            continue
         if not isinstance(obj, Booking):
             continue
         if obj in session.dirty and not session.is_modified(obj, include_collections=False):
@@ -303,6 +309,22 @@ def mark_changed(session: Session) -> None:
             keys.update((int(instrument_id), day) for day in _days_of(start, end, tz))
     if keys:
         upsert_dirty(session.connection(), sorted(keys))
+    if moved:
+        _mark_every_day_of(session.connection(), sorted(moved))
+
+
+# An instrument moved to another facility, institution or region: all its days are attributed anew.
+_PLACEMENT = ("facility_id", "institution_id", "region_code")
+
+
+def _mark_every_day_of(connection: Connection, instrument_ids: Sequence[int]) -> None:
+    """Mark every day the instruments have statistics for (after a move, each must be attributed anew)."""
+    dialect: Any = postgresql if connection.dialect.name == "postgresql" else sqlite
+    days = select(StatInstrumentDay.instrument_id, StatInstrumentDay.day, literal(utcnow(), UTCDateTime())).where(
+        StatInstrumentDay.instrument_id.in_(instrument_ids))
+    stmt = dialect.insert(StatDirty).from_select(["instrument_id", "day", "marked_at"], days)
+    connection.execute(stmt.on_conflict_do_update(
+        index_elements=["instrument_id", "day"], set_={"marked_at": stmt.excluded.marked_at}))
 
 
 def upsert_dirty(connection: Connection, keys: Sequence[tuple[int, date]]) -> None:
@@ -352,8 +374,12 @@ def recompute_facility_days(session: Session, days: dict[int, set[date]], tz: Zo
         day_list = sorted(wanted)
         session.execute(delete(StatFacilityDay).where(
             StatFacilityDay.facility_id == facility_id, StatFacilityDay.day.in_(day_list)))
+        # Also the rows an instrument of this facility left under a facility it was moved from (a catalogue import
+        # may move it): the insert below would collide with them.
+        moved_in = select(Instrument.id).where(Instrument.facility_id == facility_id)
         session.execute(delete(StatInstrumentDay).where(
-            StatInstrumentDay.facility_id == facility_id, StatInstrumentDay.day.in_(day_list)))
+            or_(StatInstrumentDay.facility_id == facility_id, StatInstrumentDay.instrument_id.in_(moved_in)),
+            StatInstrumentDay.day.in_(day_list)))
         inst_rows = [r for r in sums.instrument_rows() if r["day"] in wanted]
         fac_rows = [r for r in sums.facility_rows() if r["day"] in wanted]
         if inst_rows:
@@ -381,7 +407,7 @@ def _refresh_batch(session: Session, batch: int) -> int:
     is_pg = session.get_bind().dialect.name == "postgresql"
     if is_pg:
         session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _REFRESH_LOCK})
-    stmt = select(StatDirty.instrument_id, StatDirty.day).order_by(StatDirty.marked_at).limit(batch)
+    stmt = select(StatDirty.instrument_id, StatDirty.day).order_by(StatDirty.instrument_id, StatDirty.day).limit(batch)
     if is_pg:
         stmt = stmt.with_for_update(skip_locked=True)
     keys = [(int(i), d) for i, d in session.execute(stmt)]
@@ -395,6 +421,13 @@ def _refresh_batch(session: Session, batch: int) -> int:
         facility_id = facility_of.get(instrument_id)
         if facility_id is not None:
             days.setdefault(facility_id, set()).add(day)
+    # The facility an instrument was moved away from still counts it on these days: recompute that one too.
+    for chunk in _chunks(keys, 500):
+        for instrument_id, day, facility_id in session.execute(
+                select(StatInstrumentDay.instrument_id, StatInstrumentDay.day, StatInstrumentDay.facility_id)
+                .where(tuple_(StatInstrumentDay.instrument_id, StatInstrumentDay.day).in_(chunk))):
+            if facility_of.get(int(instrument_id)) != facility_id:
+                days.setdefault(int(facility_id), set()).add(day)
     recompute_facility_days(session, days)
     for chunk in _chunks(keys, 500):
         session.execute(delete(StatDirty).where(tuple_(StatDirty.instrument_id, StatDirty.day).in_(chunk)))

@@ -62,7 +62,7 @@ _INSTRUMENT_HEADINGS = [
 
 
 def _instrument_values(r: InstrumentRow) -> list[Any]:
-    return [safe_cell(r.code), safe_cell(r.name_zh), safe_cell(r.name_en), r.region_code, r.bookings,
+    return [safe_cell(r.code), safe_cell(r.name_zh), safe_cell(r.name_en), safe_cell(r.region_code), r.bookings,
             hours(r.booked_min), hours(r.effective_min), hours(r.ext_institution_min), hours(r.ext_region_min),
             hours(r.available_min), _rate(r.utilisation), r.no_shows]
 
@@ -134,8 +134,8 @@ def dashboard_tables(d: Dashboard, instruments: Sequence[InstrumentRow]) -> dict
         "flows": Table("flows", "跨地区流向 Flows between regions",
                        ["服务方地区 Provider region", "用户地区 User region", "预约机时 Booked hours",
                         "有效机时 Effective hours", "金额（元）Amount (yuan)", "金额（分）Amount (fen)"],
-                       [[f.provider_region, f.user_region, hours(f.booked_min), hours(f.effective_min),
-                         yuan_decimal(f.revenue_fen), f.revenue_fen] for f in d.flows]),
+                       [[safe_cell(f.provider_region), safe_cell(f.user_region), hours(f.booked_min),
+                         hours(f.effective_min), yuan_decimal(f.revenue_fen), f.revenue_fen] for f in d.flows]),
         "turnaround": Table("turnaround", "订单周期 Order turnaround", ["序号 No.", "天数 Days"],
                             [[i + 1, Decimal(str(v))] for i, v in enumerate(d.turnaround_days)]),
     }
@@ -172,7 +172,7 @@ def workbook(d: Dashboard, tables: dict[str, Table]) -> bytes:
         sheet.append([table.title])
         sheet["A1"].font = Font(bold=True)
         period = f"{d.period.first.isoformat()} – {d.period.last.isoformat()}"
-        sheet.append([f"{d.scope.name_zh} {d.scope.name_en}", period])
+        sheet.append([safe_cell(f"{d.scope.name_zh} {d.scope.name_en}"), period])
         sheet.append(table.headings)
         for cell in sheet[3]:
             cell.font = Font(bold=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from datetime import date, datetime
 
-from sqlalchemy import Date, Index, Integer, String
+from sqlalchemy import Date, Index, Integer, String, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from labcommons.db import Base, UTCDateTime, utcnow
@@ -41,6 +41,9 @@ class StatInstrumentDay(Base):
         Index("ix_stat_instrument_day_facility", "facility_id", "day"),
         Index("ix_stat_instrument_day_region", "region_code", "day"),
         Index("ix_stat_instrument_day_institution", "institution_id", "day"),
+        # Maintenance is rare: availability reads the days that had some through this small partial index.
+        Index("ix_stat_instrument_day_maintenance", "day", postgresql_where=text("maintenance_min > 0"),
+              sqlite_where=text("maintenance_min > 0")),
     )
 
     instrument_id: Mapped[int] = mapped_column(Integer, primary_key=True)

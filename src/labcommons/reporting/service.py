@@ -8,6 +8,7 @@ every figure; this module is that definition in SQL.
 from __future__ import annotations
 
 import enum
+import heapq
 import json
 import statistics
 from collections import defaultdict
@@ -16,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import date, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import distinct, func, select
+from sqlalchemy import case, distinct, func, literal, select, true
 from sqlalchemy.orm import Session
 
 from labcommons.actor import Actor
@@ -24,6 +25,7 @@ from labcommons.billing.models import Charge
 from labcommons.booking.models import Booking, BookingKind, BookingPolicy
 from labcommons.booking.policy import WEEKDAYS, parse_hours
 from labcommons.catalog.models import Facility, Institution, Instrument, InstrumentStatus, Region
+from labcommons.db import MAX_ID
 from labcommons.errors import InvalidInput, NotFound
 from labcommons.identity.models import User
 from labcommons.identity.roles import PERMISSIONS, Action, FacilityRef, authorize, require
@@ -38,6 +40,8 @@ from labcommons.reporting.models import (
 )
 
 MAX_PERIOD_DAYS = 3 * 366 + 1
+# Periods and report years lie in these years (also keeps date arithmetic far from date.min and date.max).
+FIRST_YEAR, LAST_YEAR = 2000, 2100
 TOP_N = 10
 
 
@@ -95,6 +99,9 @@ def parse_period(first: str | date | None, last: str | date | None, *, today: da
     """A period from ISO dates; the default is the calendar year so far (1 January … today)."""
     start = _as_date(first, "from") if first not in (None, "") else date(today.year, 1, 1)
     end = _as_date(last, "to") if last not in (None, "") else today
+    for value, name in ((start, "from"), (end, "to")):
+        if not FIRST_YEAR <= value.year <= LAST_YEAR:
+            raise InvalidInput(f"Dates must lie between {FIRST_YEAR} and {LAST_YEAR}.", field=name)
     if end < start:
         raise InvalidInput("The period ends before it starts.", field="to")
     if (end - start).days + 1 > MAX_PERIOD_DAYS:
@@ -104,8 +111,8 @@ def parse_period(first: str | date | None, last: str | date | None, *, today: da
 
 def year_period(year: int) -> Period:
     """The calendar year `year`."""
-    if not 2000 <= year <= 2100:
-        raise InvalidInput("The year must lie between 2000 and 2100.", field="year")
+    if not FIRST_YEAR <= year <= LAST_YEAR:
+        raise InvalidInput(f"The year must lie between {FIRST_YEAR} and {LAST_YEAR}.", field="year")
     return Period(date(year, 1, 1), date(year, 12, 31))
 
 
@@ -128,7 +135,8 @@ def parse_scope_token(token: str | None) -> tuple[ScopeKind, str]:
         raise InvalidInput("A scope is platform, region:CODE, institution:ID or facility:ID.", field="scope") from None
     if kind is ScopeKind.platform:
         return kind, ""
-    if not key or (kind is not ScopeKind.region and not key.isdigit()) or len(key) > 20:
+    # isascii: str.isdigit() also accepts digits such as "²" that int() refuses.
+    if not key or (kind is not ScopeKind.region and not (key.isascii() and key.isdigit())) or len(key) > 20:
         raise InvalidInput("A scope is platform, region:CODE, institution:ID or facility:ID.", field="scope")
     return kind, key
 
@@ -146,13 +154,13 @@ def resolve_scope(session: Session, actor: Actor | None, token: str | None) -> S
         require(actor, Action.view_region_statistics, region_code=region.code)
         return Scope(kind, region.code, region.name_zh, region.name_en, region.code)
     if kind is ScopeKind.institution:
-        institution = session.get(Institution, int(key))
+        institution = session.get(Institution, _scope_id(key))
         if institution is None:
             raise NotFound("No such institution.", field="scope")
         if not authorize(actor, Action.view_region_statistics, region_code=institution.region_code):
             require(actor, Action.view_institution_statistics, institution_id=institution.id)
         return Scope(kind, str(institution.id), institution.name_zh, institution.name_en, institution.region_code)
-    facility = session.get(Facility, int(key))
+    facility = session.get(Facility, _scope_id(key))
     if facility is None:
         raise NotFound("No such facility.", field="scope")
     institution = session.get(Institution, facility.institution_id)
@@ -160,6 +168,12 @@ def resolve_scope(session: Session, actor: Actor | None, token: str | None) -> S
     if not authorize(actor, Action.view_region_statistics, region_code=region_code):
         require(actor, Action.view_facility_statistics, facility=FacilityRef.of(facility))
     return Scope(kind, str(facility.id), facility.name_zh, facility.name_en, region_code)
+
+
+def _scope_id(key: str) -> int:
+    # An id beyond the id range names nothing; PostgreSQL would fail on it ("integer out of range"), not miss.
+    value = int(key)
+    return value if value <= MAX_ID else 0
 
 
 STATISTICS_ACTIONS = (Action.view_facility_statistics, Action.view_institution_statistics,
@@ -291,6 +305,8 @@ class InstrumentRow:
     available_min: int
     utilisation: float | None
     no_shows: int
+    # A retired instrument is listed only for a period in which it had bookings; it is open for none of it.
+    retired: bool = False
 
 
 @dataclass
@@ -383,8 +399,25 @@ def _weekday_counts(period: Period) -> list[int]:
     return counts
 
 
+def _memo(session: Session, key: tuple[Any, ...], compute: Any) -> Any:
+    """`compute()`, once per `dashboard` call: several figures need the same availability and downtime reads."""
+    memo = session.info.get(_MEMO)
+    if memo is None:
+        return compute()
+    if key not in memo:
+        memo[key] = compute()
+    return memo[key]
+
+
+_MEMO = "labcommons_reporting_memo"
+
+
 def _patterns(session: Session, scope: Scope, group: Any | None = None) -> list[tuple[Any, str | None, int]]:
     """(group key, opening hours, number of instruments) of the scope's bookable instruments."""
+    return _memo(session, ("patterns", scope.token, str(group)), lambda: _read_patterns(session, scope, group))
+
+
+def _read_patterns(session: Session, scope: Scope, group: Any | None) -> list[tuple[Any, str | None, int]]:
     key = group if group is not None else Instrument.region_code
     stmt = (
         select(key, BookingPolicy.opening_hours, func.count(Instrument.id))
@@ -410,6 +443,33 @@ def available_minutes(session: Session, scope: Scope, period: Period) -> tuple[i
     return total, instruments
 
 
+def downtime(session: Session, scope: Scope, period: Period) -> dict[tuple[int, date], int]:
+    """Maintenance minutes that take away from available time, per (instrument, day): at most what the instrument
+    is open that day. Downtime while an instrument is closed (a weekend, a retired instrument) removes nothing, so
+    available time is the same whether summed per instrument, per day or over the scope."""
+    return _memo(session, ("downtime", scope.token, period), lambda: _read_downtime(session, scope, period))
+
+
+def _read_downtime(session: Session, scope: Scope, period: Period) -> dict[tuple[int, date], int]:
+    stmt = (
+        select(StatInstrumentDay.instrument_id, StatInstrumentDay.day, StatInstrumentDay.maintenance_min,
+               BookingPolicy.opening_hours)
+        .join(Instrument, Instrument.id == StatInstrumentDay.instrument_id)
+        .outerjoin(BookingPolicy, BookingPolicy.instrument_id == StatInstrumentDay.instrument_id)
+        .where(StatInstrumentDay.day.between(period.first, period.last), StatInstrumentDay.maintenance_min > 0,
+               Instrument.status != InstrumentStatus.retired)
+    )
+    opening: dict[str | None, tuple[int, ...]] = {}
+    out: dict[tuple[int, date], int] = {}
+    for iid, day, minutes, raw in session.execute(_inst_filter(stmt, scope)):
+        if raw not in opening:
+            opening[raw] = _open_minutes_by_weekday(raw)
+        counted = min(int(minutes), opening[raw][day.weekday()])
+        if counted:
+            out[(int(iid), day)] = counted
+    return out
+
+
 # --------------------------------------------------------------------------------------------- the figures
 
 
@@ -417,28 +477,56 @@ def _sum(column: Any) -> Any:
     return func.coalesce(func.sum(column), 0)
 
 
+def _when(condition: Any, column: Any) -> Any:
+    return func.coalesce(func.sum(case((condition, column), else_=0)), 0)
+
+
+_HOUR_AT = 7
+_LEAD_AT = _HOUR_AT + len(HOUR_COLUMNS)
+
+
+def _per_day(session: Session, scope: Scope, period: Period) -> dict[date, tuple[int, ...]]:
+    """Per local day of the period, from `stat_facility_day` (one read shared by the totals, the series and the
+    heat-map): bookings, booked, maintenance, effective, other-institution and other-region effective minutes,
+    no-shows, then booked minutes by hour (from _HOUR_AT) and bookings by lead-time bucket (from _LEAD_AT)."""
+    return _memo(session, ("per_day", scope.token, period), lambda: _read_per_day(session, scope, period))
+
+
+def _read_per_day(session: Session, scope: Scope, period: Period) -> dict[date, tuple[int, ...]]:
+    f = StatFacilityDay
+    stmt = select(
+        f.day, _sum(f.bookings), _sum(f.booked_min), _sum(f.maintenance_min), _sum(f.effective_min),
+        _when(f.internal == 0, f.effective_min), _when(f.user_region_code != f.region_code, f.effective_min),
+        _sum(f.no_shows), *(_sum(getattr(f, c)) for c in HOUR_COLUMNS), *(_sum(getattr(f, c)) for c in LEAD_COLUMNS),
+    ).where(f.day.between(period.first, period.last)).group_by(f.day)
+    return {row[0]: tuple(int(v) for v in row[1:]) for row in session.execute(_fac_filter(stmt, scope))}
+
+
 def totals(session: Session, scope: Scope, period: Period, today: date) -> Totals:
-    """The headline figures (docs/metrics.md)."""
+    """The headline figures (docs/metrics.md). Booking figures come from `stat_facility_day`, the smaller table:
+    other-institution hours are its `internal = 0` rows, other-region hours those whose booker's region differs."""
     t = Totals()
-    in_period = StatInstrumentDay.day.between(period.first, period.last)
-    ended = StatInstrumentDay.day < today
-    row = session.execute(_inst_filter(select(
-        _sum(StatInstrumentDay.bookings), _sum(StatInstrumentDay.booked_min), _sum(StatInstrumentDay.maintenance_min),
-    ).where(in_period), scope)).one()
-    t.bookings, t.booked_min, t.maintenance_min = (int(v) for v in row)
-    row = session.execute(_inst_filter(select(
-        _sum(StatInstrumentDay.effective_min), _sum(StatInstrumentDay.ext_institution_min),
-        _sum(StatInstrumentDay.ext_region_min), _sum(StatInstrumentDay.bookings), _sum(StatInstrumentDay.no_shows),
-    ).where(in_period, ended), scope)).one()
-    t.effective_min, t.ext_institution_min, t.ext_region_min, t.started_bookings, t.no_shows = (int(v) for v in row)
+    leads = [0] * len(LEAD_COLUMNS)
+    for day, v in _per_day(session, scope, period).items():
+        t.bookings += v[0]
+        t.booked_min += v[1]
+        t.maintenance_min += v[2]
+        if day < today:
+            t.effective_min += v[3]
+            t.ext_institution_min += v[4]
+            t.ext_region_min += v[5]
+            t.started_bookings += v[0]
+            t.no_shows += v[6]
+        for i, count in enumerate(v[_LEAD_AT:]):
+            leads[i] += count
+    t.median_lead_hours = median_from_buckets(leads)
     opening, t.instruments = available_minutes(session, scope, period)
-    t.available_min = max(opening - t.maintenance_min, 0)
+    t.available_min = opening - sum(downtime(session, scope, period).values())
     t.utilisation = _ratio(t.booked_min, t.available_min)
     t.external_share = _ratio(t.ext_institution_min, t.effective_min)
     t.ext_region_share = _ratio(t.ext_region_min, t.effective_min)
     t.no_show_rate = _ratio(t.no_shows, t.started_bookings)
     t.users, t.institutions = users_served(session, scope, period)
-    t.median_lead_hours = median_lead_hours(session, scope, period)
     orders_part(session, scope, period, t)
     return t
 
@@ -446,17 +534,29 @@ def totals(session: Session, scope: Scope, period: Period, today: date) -> Total
 def users_served(session: Session, scope: Scope, period: Period) -> tuple[int, int]:
     """Distinct bookers, and their distinct institutions, of counted use bookings starting in the period."""
     lo, hi = aggregate.period_bounds(period.first, period.last)
-    base = (
-        select(Booking.user_id)
-        .join(Instrument, Instrument.id == Booking.instrument_id)
-        .where(Booking.starts_at >= lo, Booking.starts_at < hi, Booking.status.in_(aggregate.COUNTED_STATUSES),
+    counted = (Booking.starts_at >= lo, Booking.starts_at < hi, Booking.status.in_(aggregate.COUNTED_STATUSES),
                Booking.kind == BookingKind.use.value)
-    )
-    bookers = _instrument_filter(base, scope).distinct().subquery()
-    users = int(session.scalar(select(func.count()).select_from(bookers)) or 0)
-    institutions = int(session.scalar(
-        select(func.count(distinct(User.institution_id))).join(bookers, bookers.c.user_id == User.id)) or 0)
-    return users, institutions
+    if scope.kind in (ScopeKind.institution, ScopeKind.facility):
+        # Few instruments: their bookings in the period, found through (instrument_id, starts_at).
+        base = select(Booking.user_id).join(Instrument, Instrument.id == Booking.instrument_id).where(*counted)
+        bookers = _instrument_filter(base, scope).distinct().subquery()
+        row = session.execute(select(func.count(User.id), func.count(distinct(User.institution_id)))
+                              .join(bookers, bookers.c.user_id == User.id)).one()
+        return int(row[0] or 0), int(row[1] or 0)
+    # A region or the platform: ask each user whether they booked (one probe of (user_id, starts_at) each), which
+    # is far cheaper than collecting the distinct bookers of a million bookings.
+    probe = select(literal(1)).select_from(Booking).where(Booking.user_id == User.id, *counted)
+    if scope.kind is ScopeKind.region:
+        probe = probe.join(Instrument, Instrument.id == Booking.instrument_id).where(
+            Instrument.region_code == scope.key)
+    counts = select(func.count(User.id), func.count(distinct(User.institution_id)))
+    if session.get_bind().dialect.name == "postgresql":
+        # LATERAL … LIMIT 1 keeps PostgreSQL probing the index per user instead of hashing every booking.
+        stmt = counts.select_from(User).join(probe.limit(1).lateral("booked"), true())
+    else:
+        stmt = counts.where(probe.exists())
+    row = session.execute(stmt).one()
+    return int(row[0] or 0), int(row[1] or 0)
 
 
 def median_lead_hours(session: Session, scope: Scope, period: Period) -> float | None:
@@ -505,6 +605,10 @@ def _charge_scope(stmt: Any, scope: Scope) -> Any:
 
 def turnaround_days(session: Session, scope: Scope, period: Period) -> list[float]:
     """Days from submission to first delivered results, of orders whose results came in the period."""
+    return list(_memo(session, ("turnaround", scope.token, period), lambda: _read_turnaround(session, scope, period)))
+
+
+def _read_turnaround(session: Session, scope: Scope, period: Period) -> list[float]:
     lo, hi = aggregate.period_bounds(period.first, period.last)
     delivered = (
         select(OrderEvent.order_id, func.min(OrderEvent.at).label("at"))
@@ -563,10 +667,10 @@ def _bucket(day: date, granularity: str) -> date:
 def series(session: Session, scope: Scope, period: Period, today: date) -> tuple[str, list[SeriesPoint]]:
     """Booked and effective hours and utilisation over the period, per day, week or month."""
     granularity = granularity_for(period)
-    stmt = select(StatInstrumentDay.day, _sum(StatInstrumentDay.booked_min), _sum(StatInstrumentDay.effective_min),
-                  _sum(StatInstrumentDay.maintenance_min)).where(
-        StatInstrumentDay.day.between(period.first, period.last)).group_by(StatInstrumentDay.day)
-    per_day = {d: (int(b), int(e), int(m)) for d, b, e, m in session.execute(_inst_filter(stmt, scope))}
+    per_day = {d: (v[1], v[3], v[2]) for d, v in _per_day(session, scope, period).items()}
+    down: dict[date, int] = defaultdict(int)
+    for (_iid, day), minutes in downtime(session, scope, period).items():
+        down[day] += minutes
     patterns = [(raw, n) for _k, raw, n in _patterns(session, scope)]
     open_by_weekday = [0] * 7
     for raw, n in patterns:
@@ -575,22 +679,22 @@ def series(session: Session, scope: Scope, period: Period, today: date) -> tuple
     points: dict[date, list[int]] = {}
     day = period.first
     while day <= period.last:
-        booked, effective, maintenance = per_day.get(day, (0, 0, 0))
+        booked, effective, _maintenance = per_day.get(day, (0, 0, 0))
         acc = points.setdefault(_bucket(day, granularity), [0, 0, 0])
         acc[0] += booked
         acc[1] += effective if day < today else 0
-        acc[2] += max(open_by_weekday[day.weekday()] - maintenance, 0)
+        acc[2] += open_by_weekday[day.weekday()] - down[day]
         day += timedelta(days=1)
     return granularity, [SeriesPoint(start, b, e, a, _ratio(b, a)) for start, (b, e, a) in sorted(points.items())]
 
 
 def heatmap(session: Session, scope: Scope, period: Period) -> list[list[int]]:
     """Booked minutes by weekday (Monday first) and local hour."""
-    stmt = select(StatFacilityDay.weekday, *(_sum(getattr(StatFacilityDay, c)) for c in HOUR_COLUMNS)).where(
-        StatFacilityDay.day.between(period.first, period.last)).group_by(StatFacilityDay.weekday)
     grid = [[0] * 24 for _ in range(7)]
-    for weekday, *hours in session.execute(_fac_filter(stmt, scope)):
-        grid[int(weekday)] = [int(h) for h in hours]
+    for day, v in _per_day(session, scope, period).items():
+        row = grid[day.weekday()]
+        for hour, minutes in enumerate(v[_HOUR_AT:_LEAD_AT]):
+            row[hour] += minutes
     return grid
 
 
@@ -626,43 +730,116 @@ def flows(session: Session, scope: Scope, period: Period, today: date) -> list[F
     return [Flow(a, b, *vals) for (a, b), vals in sorted(table.items()) if any(vals)]
 
 
-def instrument_rows(session: Session, scope: Scope, period: Period, today: date) -> list[InstrumentRow]:
-    """Every bookable instrument of the scope with its figures for the period (also those never booked)."""
+def _instrument_figures(session: Session, scope: Scope, period: Period,
+                        today: date) -> dict[int, tuple[int, int, int, int, int, int]]:
+    """Per instrument with activity in the period: (bookings, booked, effective, other-institution, other-region
+    minutes, no-shows); effective figures and no-shows count the days before today. One grouped read."""
+    i = StatInstrumentDay
+    ended = i.day < today
+    stmt = select(i.instrument_id, _sum(i.bookings), _sum(i.booked_min), _when(ended, i.effective_min),
+                  _when(ended, i.ext_institution_min), _when(ended, i.ext_region_min), _when(ended, i.no_shows)).where(
+        i.day.between(period.first, period.last)).group_by(i.instrument_id)
+    return {int(r[0]): (int(r[1]), int(r[2]), int(r[3]), int(r[4]), int(r[5]), int(r[6]))
+            for r in session.execute(_inst_filter(stmt, scope))}
+
+
+_Figures = tuple[int, int, int, int, int, int, int, float | None, bool]  # …figures, available, utilisation, retired
+
+
+def _figures_by_instrument(session: Session, scope: Scope, period: Period, today: date) -> dict[int, _Figures]:
+    """Every bookable instrument of the scope (and retired ones with activity) with its figures, by id."""
     counts = _weekday_counts(period)
-    booked = select(StatInstrumentDay.instrument_id, _sum(StatInstrumentDay.bookings),
-                    _sum(StatInstrumentDay.booked_min), _sum(StatInstrumentDay.maintenance_min)).where(
-        StatInstrumentDay.day.between(period.first, period.last)).group_by(StatInstrumentDay.instrument_id)
-    used = select(StatInstrumentDay.instrument_id, _sum(StatInstrumentDay.effective_min),
-                  _sum(StatInstrumentDay.ext_institution_min), _sum(StatInstrumentDay.ext_region_min),
-                  _sum(StatInstrumentDay.no_shows)).where(
-        StatInstrumentDay.day.between(period.first, period.last), StatInstrumentDay.day < today).group_by(
-        StatInstrumentDay.instrument_id)
-    first = {int(i): (int(a), int(b), int(c)) for i, a, b, c in session.execute(_inst_filter(booked, scope))}
-    second = {int(i): (int(a), int(b), int(c), int(d)) for i, a, b, c, d in session.execute(_inst_filter(used, scope))}
-    stmt = _instrument_filter(select(
-        Instrument.id, Instrument.code, Instrument.name_zh, Instrument.name_en, Instrument.facility_id,
-        Instrument.region_code, BookingPolicy.opening_hours,
-    ).outerjoin(BookingPolicy, BookingPolicy.instrument_id == Instrument.id).where(
-        Instrument.status != InstrumentStatus.retired), scope)
+    figures = _instrument_figures(session, scope, period, today)
+    down: dict[int, int] = defaultdict(int)
+    for (iid, _day), minutes in downtime(session, scope, period).items():
+        down[iid] += minutes
+    stmt = _instrument_filter(select(Instrument.id, BookingPolicy.opening_hours, Instrument.status).outerjoin(
+        BookingPolicy, BookingPolicy.instrument_id == Instrument.id).order_by(Instrument.id), scope)
     cache: dict[str | None, int] = {}
-    rows = []
-    for iid, code, name_zh, name_en, facility_id, region_code, raw in session.execute(stmt):
+    nothing = (0, 0, 0, 0, 0, 0)
+    out: dict[int, _Figures] = {}
+    for iid, raw, status in session.execute(stmt):
+        retired = status == InstrumentStatus.retired
+        figs = figures.get(iid, nothing)
+        if retired and not any(figs):
+            continue
         if raw not in cache:
             cache[raw] = _available(counts, raw)
-        bookings, booked_min, maintenance = first.get(iid, (0, 0, 0))
-        effective, ext_inst, ext_region, no_shows = second.get(iid, (0, 0, 0, 0))
-        available = max(cache[raw] - maintenance, 0)
-        rows.append(InstrumentRow(iid, code, name_zh, name_en, facility_id, region_code, bookings, booked_min,
-                                  effective, ext_inst, ext_region, available, _ratio(booked_min, available), no_shows))
-    return rows
+        available = 0 if retired else cache[raw] - down[iid]
+        out[iid] = (*figs, available, _ratio(figs[1], available), retired)
+    return out
+
+
+def _rows_for(session: Session, figures: dict[int, _Figures], ids: Sequence[int]) -> list[InstrumentRow]:
+    """InstrumentRows for `ids`, in that order."""
+    rows: dict[int, InstrumentRow] = {}
+    for chunk in (ids[k:k + 5000] for k in range(0, len(ids), 5000)):
+        stmt = select(Instrument.id, Instrument.code, Instrument.name_zh, Instrument.name_en, Instrument.facility_id,
+                      Instrument.region_code).where(Instrument.id.in_(list(chunk)))
+        for iid, code, name_zh, name_en, facility_id, region_code in session.execute(stmt):
+            bookings, booked, effective, ext_inst, ext_region, no_shows, available, utilisation, retired = figures[iid]
+            rows[iid] = InstrumentRow(iid, code, name_zh, name_en, facility_id, region_code, bookings, booked,
+                                      effective, ext_inst, ext_region, available, utilisation, no_shows, retired)
+    return [rows[i] for i in ids if i in rows]
+
+
+def instrument_rows(session: Session, scope: Scope, period: Period, today: date) -> list[InstrumentRow]:
+    """Every bookable instrument of the scope with its figures for the period (also those never booked), and the
+    retired ones that had bookings in it (so that the rows add up to the scope's totals)."""
+    figures = _figures_by_instrument(session, scope, period, today)
+    return _rows_for(session, figures, sorted(figures))
 
 
 def top_and_idle(rows: Sequence[InstrumentRow], n: int = TOP_N) -> tuple[list[InstrumentRow], list[InstrumentRow], int]:
     """The n busiest instruments by effective then booked hours, the n least used (lowest utilisation), and how
     many had no booked time at all."""
     top = sorted((r for r in rows if r.booked_min), key=lambda r: (-r.effective_min, -r.booked_min, r.instrument_id))
-    idle = sorted(rows, key=lambda r: (r.utilisation or 0.0, r.booked_min, r.instrument_id))
-    return top[:n], idle[:n], sum(1 for r in rows if not r.booked_min)
+    # A retired instrument is not idle: it cannot be booked any more.
+    bookable = [r for r in rows if not r.retired]
+    idle = sorted(bookable, key=lambda r: (r.utilisation or 0.0, r.booked_min, r.instrument_id))
+    return top[:n], idle[:n], sum(1 for r in bookable if not r.booked_min)
+
+
+def ranked_instruments(session: Session, scope: Scope, period: Period, today: date,
+                       n: int = TOP_N) -> tuple[list[InstrumentRow], list[InstrumentRow], int]:
+    """What `top_and_idle(instrument_rows(…))` gives, without reading every instrument's row: only ids, and the
+    instruments whose availability differs from the default (opening hours set, or retired)."""
+    figures = _instrument_figures(session, scope, period, today)
+    counts = _weekday_counts(period)
+    default_available = _available(counts, None)
+    special = {int(i): (raw, status == InstrumentStatus.retired) for i, raw, status in session.execute(
+        _instrument_filter(select(Instrument.id, BookingPolicy.opening_hours, Instrument.status).outerjoin(
+            BookingPolicy, BookingPolicy.instrument_id == Instrument.id).where(
+            (BookingPolicy.opening_hours.is_not(None) & (BookingPolicy.opening_hours != ""))
+            | (Instrument.status == InstrumentStatus.retired)), scope))}
+    bookable = [int(i) for i in session.scalars(_instrument_filter(
+        select(Instrument.id).where(Instrument.status != InstrumentStatus.retired), scope))]
+    down: dict[int, int] = defaultdict(int)
+    for (iid, _day), minutes in downtime(session, scope, period).items():
+        down[iid] += minutes
+    cache: dict[str | None, int] = {None: default_available}
+    nothing = (0, 0, 0, 0, 0, 0)
+    full: dict[int, _Figures] = {}
+
+    def figures_of(iid: int) -> _Figures:
+        if iid not in full:
+            raw, retired = special.get(iid, (None, False))
+            if raw not in cache:
+                cache[raw] = _available(counts, raw)
+            figs = figures.get(iid, nothing)
+            available = 0 if retired else cache[raw] - down[iid]
+            full[iid] = (*figs, available, _ratio(figs[1], available), retired)
+        return full[iid]
+
+    in_scope = set(bookable) | set(special)  # the instruments' own scope, as instrument_rows reads it
+    listed = [i for i in figures if i in in_scope]
+    top = heapq.nsmallest(n, (i for i in listed if figures[i][1]),
+                          key=lambda i: (-figures[i][2], -figures[i][1], i))
+    idle = heapq.nsmallest(n, bookable, key=lambda i: (figures_of(i)[7] or 0.0, figures_of(i)[1], i))
+    idle_count = sum(1 for i in bookable if not figures.get(i, nothing)[1])
+    for i in top:
+        figures_of(i)
+    return _rows_for(session, full, top), _rows_for(session, full, idle), idle_count
 
 
 def _child_names(session: Session, kind: ScopeKind, keys: Iterable[Any]) -> dict[str, tuple[str, str]]:
@@ -677,27 +854,37 @@ def _child_names(session: Session, kind: ScopeKind, keys: Iterable[Any]) -> dict
     return {str(k): (zh, en) for k, zh, en in found}
 
 
-def breakdown(session: Session, scope: Scope, period: Period, today: date,
-              rows: Sequence[InstrumentRow] | None = None) -> list[BreakdownRow]:
+def breakdown(session: Session, scope: Scope, period: Period, today: date) -> list[BreakdownRow]:
     """The scope's figures split by region (platform), institution (region) or facility (institution); a
     facility's breakdown is its instrument table."""
     child = CHILD_KIND[scope.kind]
     if child is None:
         return []
-    rows = rows if rows is not None else instrument_rows(session, scope, period, today)
-    key_col = {ScopeKind.region: Instrument.region_code, ScopeKind.institution: Instrument.institution_id,
-               ScopeKind.facility: Instrument.facility_id}[child]
-    owner = {int(i): k for i, k in session.execute(_instrument_filter(select(Instrument.id, key_col), scope))}
+    f = StatFacilityDay
+    ended = f.day < today
+    fac_key = {ScopeKind.region: f.region_code, ScopeKind.institution: f.institution_id,
+               ScopeKind.facility: f.facility_id}[child]
+    inst_key = {ScopeKind.region: Instrument.region_code, ScopeKind.institution: Instrument.institution_id,
+                ScopeKind.facility: Instrument.facility_id}[child]
     acc: dict[str, list[int]] = {}
-    for r in rows:
-        key = str(owner.get(r.instrument_id))
-        a = acc.setdefault(key, [0, 0, 0, 0, 0, 0])
-        a[0] += 1
-        a[1] += r.booked_min
-        a[2] += r.effective_min
-        a[3] += r.ext_institution_min
-        a[4] += r.ext_region_min
-        a[5] += r.available_min
+    stmt = select(fac_key, _sum(f.booked_min), _when(ended, f.effective_min),
+                  _when(ended & (f.internal == 0), f.effective_min),
+                  _when(ended & (f.user_region_code != f.region_code), f.effective_min)).where(
+        f.day.between(period.first, period.last)).group_by(fac_key)
+    for key, booked, effective, ext_inst, ext_region in session.execute(_fac_filter(stmt, scope)):
+        acc[str(key)] = [0, int(booked), int(effective), int(ext_inst), int(ext_region), 0]
+    counts = _weekday_counts(period)
+    for key, raw, n in _patterns(session, scope, inst_key):
+        a = acc.setdefault(str(key), [0, 0, 0, 0, 0, 0])
+        a[0] += n  # as in the totals: instruments that can be booked
+        a[5] += n * _available(counts, raw)
+    down = downtime(session, scope, period)
+    if down:
+        ids = sorted({i for i, _d in down})
+        owner = {int(i): str(k)
+                 for i, k in session.execute(select(Instrument.id, inst_key).where(Instrument.id.in_(ids)))}
+        for (iid, _day), minutes in down.items():
+            acc.setdefault(owner[iid], [0, 0, 0, 0, 0, 0])[5] -= minutes
     revenue_col = {ScopeKind.region: Charge.provider_region_code, ScopeKind.institution: Charge.provider_institution_id,
                    ScopeKind.facility: Charge.facility_id}[child]
     revenue = {str(k): int(v) for k, v in session.execute(_charge_scope(
@@ -718,13 +905,16 @@ def breakdown(session: Session, scope: Scope, period: Period, today: date,
 
 def dashboard(session: Session, scope: Scope, period: Period, today: date) -> Dashboard:
     """Every figure and chart of a scope's dashboard (call `aggregate.ensure_current` first)."""
-    rows = instrument_rows(session, scope, period, today)
-    top, idle, idle_count = top_and_idle(rows)
-    granularity, points = series(session, scope, period, today)
-    return Dashboard(
-        scope=scope, period=period, today=today, totals=totals(session, scope, period, today),
-        granularity=granularity, series=points, heatmap=heatmap(session, scope, period), top=top, idle=idle,
-        idle_count=idle_count, flows=flows(session, scope, period, today),
-        turnaround_days=turnaround_days(session, scope, period),
-        breakdown=breakdown(session, scope, period, today, rows),
-    )
+    session.info[_MEMO] = {}
+    try:
+        top, idle, idle_count = ranked_instruments(session, scope, period, today)
+        granularity, points = series(session, scope, period, today)
+        return Dashboard(
+            scope=scope, period=period, today=today, totals=totals(session, scope, period, today),
+            granularity=granularity, series=points, heatmap=heatmap(session, scope, period), top=top, idle=idle,
+            idle_count=idle_count, flows=flows(session, scope, period, today),
+            turnaround_days=turnaround_days(session, scope, period),
+            breakdown=breakdown(session, scope, period, today),
+        )
+    finally:
+        session.info.pop(_MEMO, None)
