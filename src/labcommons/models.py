@@ -75,7 +75,7 @@ from labcommons.orders.models import (
     SampleEvent,
     ServiceOrder,
 )
-from labcommons.reporting.models import StatDirty, StatFacilityDay, StatInstrumentDay
+from labcommons.reporting.models import StatDirty, StatFacilityDay, StatInstrumentDay, StatInstrumentMonth
 
 __all__ = [
     "AccountDeposit",
@@ -136,6 +136,7 @@ __all__ = [
     "StatDirty",
     "StatFacilityDay",
     "StatInstrumentDay",
+    "StatInstrumentMonth",
     "TalentCard",
     "TalentCardScheme",
     "TalentEntitlement",

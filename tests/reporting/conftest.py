@@ -16,7 +16,7 @@ from sqlalchemy import delete, func, insert, select, text
 from labcommons.actor import Actor, Grant
 from labcommons.booking.models import Booking
 from labcommons.db import Base, Database
-from labcommons.reporting.models import StatDirty, StatFacilityDay, StatInstrumentDay
+from labcommons.reporting.models import StatDirty, StatFacilityDay, StatInstrumentDay, StatInstrumentMonth
 
 TZ = ZoneInfo("Asia/Shanghai")
 # A fixed "today" for the figures (a Monday); the tests never depend on the machine's date.
@@ -64,10 +64,10 @@ def clean_db(db: Database, request: pytest.FixtureRequest, tmp_path: Path) -> It
 
 
 def stat_tables(database: Database) -> dict[str, list[tuple[Any, ...]]]:
-    """Both statistics tables as sorted lists of rows (every column), for comparing two ways of computing them."""
+    """The statistics tables as sorted lists of rows (every column), for comparing two ways of computing them."""
     out: dict[str, list[tuple[Any, ...]]] = {}
     with database.session() as s:
-        for model in (StatInstrumentDay, StatFacilityDay):
+        for model in (StatInstrumentDay, StatFacilityDay, StatInstrumentMonth):
             columns = list(model.__table__.columns)
             rows = s.execute(select(*columns)).all()
             out[model.__tablename__] = sorted(tuple(r) for r in rows)

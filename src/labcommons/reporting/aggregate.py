@@ -23,7 +23,7 @@ from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from sqlalchemy import Connection, delete, func, insert, literal, or_, select, text, tuple_
+from sqlalchemy import Connection, Date, delete, func, insert, literal, or_, select, text, tuple_
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, aliased
 from sqlalchemy.orm.attributes import get_history
@@ -40,6 +40,7 @@ from labcommons.reporting.models import (
     StatDirty,
     StatFacilityDay,
     StatInstrumentDay,
+    StatInstrumentMonth,
 )
 
 log = logging.getLogger("labcommons.reporting")
@@ -55,6 +56,11 @@ def zone() -> ZoneInfo:
     from labcommons.config import get_settings
 
     return ZoneInfo(get_settings().default_timezone)
+
+
+def today() -> date:
+    """Today in the platform's zone: the statistics' days and 'effective up to' follow it, not the machine's date."""
+    return utcnow().astimezone(zone()).date()
 
 
 # --------------------------------------------------------------------------------------------- contributions
@@ -386,8 +392,34 @@ def recompute_facility_days(session: Session, days: dict[int, set[date]], tz: Zo
             session.execute(insert(StatInstrumentDay), inst_rows)
         if fac_rows:
             session.execute(insert(StatFacilityDay), fac_rows)
+        recompute_months(session, facility_id, {d.replace(day=1) for d in wanted})
         written += len(wanted)
     return written
+
+
+def month_end(month: date) -> date:
+    """The last day of the month that `month` lies in."""
+    return (month.replace(day=28) + timedelta(days=4)).replace(day=1) - timedelta(days=1)
+
+
+_MONTH_MEASURES = ("bookings", "booked_min", "effective_min", "ext_institution_min", "ext_region_min",
+                   "maintenance_min", "no_shows")
+
+
+def recompute_months(session: Session, facility_id: int, months: Iterable[date]) -> None:
+    """Replace the facility's `stat_instrument_month` rows of `months` (first days) with sums of its day rows."""
+    i = StatInstrumentDay
+    moved_in = select(Instrument.id).where(Instrument.facility_id == facility_id)
+    for month in sorted(months):
+        session.execute(delete(StatInstrumentMonth).where(
+            or_(StatInstrumentMonth.facility_id == facility_id, StatInstrumentMonth.instrument_id.in_(moved_in)),
+            StatInstrumentMonth.month == month))
+        sums = select(
+            i.instrument_id, literal(month, Date()), func.max(i.facility_id), func.max(i.institution_id),
+            func.max(i.region_code), *(func.sum(getattr(i, m)) for m in _MONTH_MEASURES),
+        ).where(i.facility_id == facility_id, i.day.between(month, month_end(month))).group_by(i.instrument_id)
+        session.execute(insert(StatInstrumentMonth).from_select(
+            ["instrument_id", "month", "facility_id", "institution_id", "region_code", *_MONTH_MEASURES], sums))
 
 
 def refresh(db: Database, *, limit: int | None = None) -> int:
@@ -470,6 +502,7 @@ def rebuild(db: Database, *, progress: Progress | None = None) -> tuple[int, int
         session.execute(delete(StatDirty))
         session.execute(delete(StatInstrumentDay))
         session.execute(delete(StatFacilityDay))
+        session.execute(delete(StatInstrumentMonth))
         for done, facility_id in enumerate(facilities, 1):
             stmt = _booking_rows_query().where(Instrument.facility_id == facility_id)
             sums = contributions(_as_rows(session.execute(stmt)), tz)
@@ -478,6 +511,7 @@ def rebuild(db: Database, *, progress: Progress | None = None) -> tuple[int, int
                 session.execute(insert(StatInstrumentDay), list(chunk))
             for chunk in _chunks(fac_rows, 5000):
                 session.execute(insert(StatFacilityDay), list(chunk))
+            recompute_months(session, facility_id, {r["day"].replace(day=1) for r in inst_rows})
             written[0] += len(inst_rows)
             written[1] += len(fac_rows)
             notify(done, len(facilities))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import date
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query
@@ -79,9 +79,7 @@ ToParam = Annotated[str | None, Query(alias="to", max_length=10, description="La
                                                                               "default today")]
 
 
-def local_today() -> date:
-    """Today in the platform's time zone (the statistics' days), not the machine's."""
-    return datetime.now(aggregate.zone()).date()
+local_today = aggregate.today
 
 
 @dataclass(frozen=True)

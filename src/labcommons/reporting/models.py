@@ -33,7 +33,22 @@ class StatDirty(Base):
     marked_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
-class StatInstrumentDay(Base):
+class _InstrumentMeasures:
+    """The columns an instrument's statistics have at every grain: where it is placed and what was booked."""
+
+    facility_id: Mapped[int] = mapped_column(Integer)
+    institution_id: Mapped[int] = mapped_column(Integer)
+    region_code: Mapped[str] = mapped_column(String(16))
+    bookings: Mapped[int] = mapped_column(Integer, default=0)
+    booked_min: Mapped[int] = mapped_column(Integer, default=0)
+    effective_min: Mapped[int] = mapped_column(Integer, default=0)
+    ext_institution_min: Mapped[int] = mapped_column(Integer, default=0)
+    ext_region_min: Mapped[int] = mapped_column(Integer, default=0)
+    maintenance_min: Mapped[int] = mapped_column(Integer, default=0)
+    no_shows: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class StatInstrumentDay(_InstrumentMeasures, Base):
     """What one instrument's bookings contributed to one local day (minutes clipped to the day)."""
 
     __tablename__ = "stat_instrument_day"
@@ -48,16 +63,21 @@ class StatInstrumentDay(Base):
 
     instrument_id: Mapped[int] = mapped_column(Integer, primary_key=True)
     day: Mapped[date] = mapped_column(Date, primary_key=True)
-    facility_id: Mapped[int] = mapped_column(Integer)
-    institution_id: Mapped[int] = mapped_column(Integer)
-    region_code: Mapped[str] = mapped_column(String(16))
-    bookings: Mapped[int] = mapped_column(Integer, default=0)
-    booked_min: Mapped[int] = mapped_column(Integer, default=0)
-    effective_min: Mapped[int] = mapped_column(Integer, default=0)
-    ext_institution_min: Mapped[int] = mapped_column(Integer, default=0)
-    ext_region_min: Mapped[int] = mapped_column(Integer, default=0)
-    maintenance_min: Mapped[int] = mapped_column(Integer, default=0)
-    no_shows: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class StatInstrumentMonth(_InstrumentMeasures, Base):
+    """The sum of an instrument's `stat_instrument_day` rows over one calendar month (`month` is its first day), so
+    per-instrument figures over long periods read a row a month instead of a row a day."""
+
+    __tablename__ = "stat_instrument_month"
+    __table_args__ = (
+        Index("ix_stat_instrument_month_facility", "facility_id", "month"),
+        Index("ix_stat_instrument_month_region", "region_code", "month"),
+        Index("ix_stat_instrument_month_institution", "institution_id", "month"),
+    )
+
+    instrument_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    month: Mapped[date] = mapped_column(Date, primary_key=True)
 
 
 class StatFacilityDay(Base):

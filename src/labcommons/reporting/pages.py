@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from datetime import date, timedelta
 from typing import Annotated, Any
 from urllib.parse import urlencode
-from zoneinfo import ZoneInfo
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import HTMLResponse, Response
@@ -23,7 +22,6 @@ from labcommons import i18n
 from labcommons.actor import Actor
 from labcommons.billing.exports import PDF_TYPE, yuan_text
 from labcommons.catalog.models import Region
-from labcommons.config import get_settings
 from labcommons.db import Database, utcnow
 from labcommons.errors import Forbidden, InvalidInput, NotFound
 from labcommons.http import Id, get_db, page_actor
@@ -61,9 +59,7 @@ def reads_statistics(actor: Actor | None) -> bool:
 env.globals["reads_statistics"] = reads_statistics
 
 
-def platform_today() -> date:
-    """The platform's local date (Asia/Shanghai by default), which periods and 'effective up to' follow."""
-    return utcnow().astimezone(ZoneInfo(get_settings().default_timezone)).date()
+platform_today = aggregate.today
 
 
 def error_text(exc: InvalidInput) -> str:

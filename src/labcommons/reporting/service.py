@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import date, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import case, distinct, func, literal, select, true
+from sqlalchemy import case, distinct, func, literal, or_, select, true
 from sqlalchemy.orm import Session
 
 from labcommons.actor import Actor
@@ -37,6 +37,7 @@ from labcommons.reporting.models import (
     LEAD_COLUMNS,
     StatFacilityDay,
     StatInstrumentDay,
+    StatInstrumentMonth,
 )
 
 MAX_PERIOD_DAYS = 3 * 366 + 1
@@ -730,17 +731,58 @@ def flows(session: Session, scope: Scope, period: Period, today: date) -> list[F
     return [Flow(a, b, *vals) for (a, b), vals in sorted(table.items()) if any(vals)]
 
 
+def _split_by_month(period: Period, today: date) -> tuple[list[date], list[tuple[date, date]]]:
+    """The period as whole calendar months (their first days) readable from the month table, and the day ranges
+    left over: partial months at either end, and today's month (whose effective figures depend on the day)."""
+    this_month = today.replace(day=1)
+    months: list[date] = []
+    ranges: list[tuple[date, date]] = []
+    start = period.first.replace(day=1)
+    while start <= period.last:
+        end = aggregate.month_end(start)
+        lo, hi = max(start, period.first), min(end, period.last)
+        if (lo, hi) == (start, end) and start != this_month:
+            months.append(start)
+        elif ranges and ranges[-1][1] + timedelta(days=1) == lo:
+            ranges[-1] = (ranges[-1][0], hi)
+        else:
+            ranges.append((lo, hi))
+        start = end + timedelta(days=1)
+    return months, ranges
+
+
 def _instrument_figures(session: Session, scope: Scope, period: Period,
-                        today: date) -> dict[int, tuple[int, int, int, int, int, int]]:
+                        today: date) -> dict[int, tuple[int, int, int, int, int, int, int]]:
     """Per instrument with activity in the period: (bookings, booked, effective, other-institution, other-region
-    minutes, no-shows); effective figures and no-shows count the days before today. One grouped read."""
-    i = StatInstrumentDay
-    ended = i.day < today
-    stmt = select(i.instrument_id, _sum(i.bookings), _sum(i.booked_min), _when(ended, i.effective_min),
-                  _when(ended, i.ext_institution_min), _when(ended, i.ext_region_min), _when(ended, i.no_shows)).where(
-        i.day.between(period.first, period.last)).group_by(i.instrument_id)
-    return {int(r[0]): (int(r[1]), int(r[2]), int(r[3]), int(r[4]), int(r[5]), int(r[6]))
-            for r in session.execute(_inst_filter(stmt, scope))}
+    minutes, no-shows, maintenance minutes); effective figures and no-shows count the days before today. Whole
+    months other than today's come from `stat_instrument_month` (a row a month), the rest from the day table."""
+    months, ranges = _split_by_month(period, today)
+    out: dict[int, list[int]] = {}
+
+    def add(rows: Iterable[Any]) -> None:
+        for r in rows:
+            acc = out.setdefault(int(r[0]), [0, 0, 0, 0, 0, 0, 0])
+            for k in range(7):
+                acc[k] += int(r[k + 1])
+
+    if months:
+        m = StatInstrumentMonth
+        # Whole months before today's have ended; those after it have not begun (no effective time, no no-shows).
+        past = m.month < today.replace(day=1)
+        stmt = select(m.instrument_id, _sum(m.bookings), _sum(m.booked_min), _when(past, m.effective_min),
+                      _when(past, m.ext_institution_min), _when(past, m.ext_region_min), _when(past, m.no_shows),
+                      _sum(m.maintenance_min)).where(
+            m.month.in_(months)).group_by(m.instrument_id)
+        add(session.execute(_filter(stmt, scope, m.region_code, m.institution_id, m.facility_id)))
+    if ranges:
+        i = StatInstrumentDay
+        ended = i.day < today
+        stmt = select(i.instrument_id, _sum(i.bookings), _sum(i.booked_min), _when(ended, i.effective_min),
+                      _when(ended, i.ext_institution_min), _when(ended, i.ext_region_min),
+                      _when(ended, i.no_shows), _sum(i.maintenance_min)).where(
+            or_(*(i.day.between(lo, hi) for lo, hi in ranges))).group_by(i.instrument_id)
+        add(session.execute(_inst_filter(stmt, scope)))
+    return {k: (v[0], v[1], v[2], v[3], v[4], v[5], v[6]) for k, v in out.items()}
 
 
 _Figures = tuple[int, int, int, int, int, int, int, float | None, bool]  # …figures, available, utilisation, retired
@@ -756,7 +798,7 @@ def _figures_by_instrument(session: Session, scope: Scope, period: Period, today
     stmt = _instrument_filter(select(Instrument.id, BookingPolicy.opening_hours, Instrument.status).outerjoin(
         BookingPolicy, BookingPolicy.instrument_id == Instrument.id).order_by(Instrument.id), scope)
     cache: dict[str | None, int] = {}
-    nothing = (0, 0, 0, 0, 0, 0)
+    nothing = (0, 0, 0, 0, 0, 0, 0)
     out: dict[int, _Figures] = {}
     for iid, raw, status in session.execute(stmt):
         retired = status == InstrumentStatus.retired
@@ -766,7 +808,7 @@ def _figures_by_instrument(session: Session, scope: Scope, period: Period, today
         if raw not in cache:
             cache[raw] = _available(counts, raw)
         available = 0 if retired else cache[raw] - down[iid]
-        out[iid] = (*figs, available, _ratio(figs[1], available), retired)
+        out[iid] = (*figs[:6], available, _ratio(figs[1], available), retired)
     return out
 
 
@@ -818,7 +860,7 @@ def ranked_instruments(session: Session, scope: Scope, period: Period, today: da
     for (iid, _day), minutes in downtime(session, scope, period).items():
         down[iid] += minutes
     cache: dict[str | None, int] = {None: default_available}
-    nothing = (0, 0, 0, 0, 0, 0)
+    nothing = (0, 0, 0, 0, 0, 0, 0)
     full: dict[int, _Figures] = {}
 
     def figures_of(iid: int) -> _Figures:
@@ -828,15 +870,21 @@ def ranked_instruments(session: Session, scope: Scope, period: Period, today: da
                 cache[raw] = _available(counts, raw)
             figs = figures.get(iid, nothing)
             available = 0 if retired else cache[raw] - down[iid]
-            full[iid] = (*figs, available, _ratio(figs[1], available), retired)
+            full[iid] = (*figs[:6], available, _ratio(figs[1], available), retired)
         return full[iid]
 
     in_scope = set(bookable) | set(special)  # the instruments' own scope, as instrument_rows reads it
     listed = [i for i in figures if i in in_scope]
     top = heapq.nsmallest(n, (i for i in listed if figures[i][1]),
                           key=lambda i: (-figures[i][2], -figures[i][1], i))
-    idle = heapq.nsmallest(n, bookable, key=lambda i: (figures_of(i)[7] or 0.0, figures_of(i)[1], i))
-    idle_count = sum(1 for i in bookable if not figures.get(i, nothing)[1])
+    never_booked = sorted(i for i in bookable if not figures.get(i, nothing)[1])
+    idle_count = len(never_booked)
+    if idle_count >= n:  # nothing booked sorts first (utilisation 0, then by id): no need to rank the others
+        idle = never_booked[:n]
+        for i in idle:
+            figures_of(i)
+    else:
+        idle = heapq.nsmallest(n, bookable, key=lambda i: (figures_of(i)[7] or 0.0, figures_of(i)[1], i))
     for i in top:
         figures_of(i)
     return _rows_for(session, full, top), _rows_for(session, full, idle), idle_count

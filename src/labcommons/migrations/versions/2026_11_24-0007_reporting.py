@@ -111,6 +111,27 @@ def upgrade() -> None:
             sqlite_where=sa.text("maintenance_min > 0"),
         )
 
+    op.create_table(
+        "stat_instrument_month",
+        sa.Column("instrument_id", sa.Integer(), nullable=False),
+        sa.Column("month", sa.Date(), nullable=False),
+        sa.Column("facility_id", sa.Integer(), nullable=False),
+        sa.Column("institution_id", sa.Integer(), nullable=False),
+        sa.Column("region_code", sa.String(length=16), nullable=False),
+        sa.Column("bookings", sa.Integer(), nullable=False),
+        sa.Column("booked_min", sa.Integer(), nullable=False),
+        sa.Column("effective_min", sa.Integer(), nullable=False),
+        sa.Column("ext_institution_min", sa.Integer(), nullable=False),
+        sa.Column("ext_region_min", sa.Integer(), nullable=False),
+        sa.Column("maintenance_min", sa.Integer(), nullable=False),
+        sa.Column("no_shows", sa.Integer(), nullable=False),
+        sa.PrimaryKeyConstraint("instrument_id", "month", name=op.f("pk_stat_instrument_month")),
+    )
+    with op.batch_alter_table("stat_instrument_month", schema=None) as batch_op:
+        batch_op.create_index("ix_stat_instrument_month_facility", ["facility_id", "month"], unique=False)
+        batch_op.create_index("ix_stat_instrument_month_institution", ["institution_id", "month"], unique=False)
+        batch_op.create_index("ix_stat_instrument_month_region", ["region_code", "month"], unique=False)
+
     _mark_existing_bookings()
     # ### end Alembic commands ###
 
@@ -123,6 +144,7 @@ def downgrade() -> None:
         batch_op.drop_index("ix_stat_instrument_day_institution")
         batch_op.drop_index("ix_stat_instrument_day_facility")
 
+    op.drop_table("stat_instrument_month")
     op.drop_table("stat_instrument_day")
     with op.batch_alter_table("stat_facility_day", schema=None) as batch_op:
         batch_op.drop_index("ix_stat_facility_day_region")
