@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import date, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import case, distinct, func, literal, or_, select, true
+from sqlalchemy import case, distinct, func, literal, or_, select, true, union_all
 from sqlalchemy.orm import Session
 
 from labcommons.actor import Actor
@@ -732,8 +732,10 @@ def flows(session: Session, scope: Scope, period: Period, today: date) -> list[F
 
 
 def _split_by_month(period: Period, today: date) -> tuple[list[date], list[tuple[date, date]]]:
-    """The period as whole calendar months (their first days) readable from the month table, and the day ranges
-    left over: partial months at either end, and today's month (whose effective figures depend on the day)."""
+    """The period as whole calendar months before today's (their first days), read from the month table, and the
+    day ranges left over: partial months, today's month (whose effective figures depend on the day) and later ones.
+    Later months stay with the days: they are few and mostly sparse, and one read of days is cheaper than adding a
+    second read of months to it."""
     this_month = today.replace(day=1)
     months: list[date] = []
     ranges: list[tuple[date, date]] = []
@@ -741,7 +743,7 @@ def _split_by_month(period: Period, today: date) -> tuple[list[date], list[tuple
     while start <= period.last:
         end = aggregate.month_end(start)
         lo, hi = max(start, period.first), min(end, period.last)
-        if (lo, hi) == (start, end) and start != this_month:
+        if (lo, hi) == (start, end) and start < this_month:
             months.append(start)
         elif ranges and ranges[-1][1] + timedelta(days=1) == lo:
             ranges[-1] = (ranges[-1][0], hi)
@@ -755,34 +757,32 @@ def _instrument_figures(session: Session, scope: Scope, period: Period,
                         today: date) -> dict[int, tuple[int, int, int, int, int, int, int]]:
     """Per instrument with activity in the period: (bookings, booked, effective, other-institution, other-region
     minutes, no-shows, maintenance minutes); effective figures and no-shows count the days before today. Whole
-    months other than today's come from `stat_instrument_month` (a row a month), the rest from the day table."""
+    months before today's come from `stat_instrument_month` (a row a month), the rest from the day table."""
     months, ranges = _split_by_month(period, today)
-    out: dict[int, list[int]] = {}
-
-    def add(rows: Iterable[Any]) -> None:
-        for r in rows:
-            acc = out.setdefault(int(r[0]), [0, 0, 0, 0, 0, 0, 0])
-            for k in range(7):
-                acc[k] += int(r[k + 1])
-
+    parts = []
     if months:
         m = StatInstrumentMonth
-        # Whole months before today's have ended; those after it have not begun (no effective time, no no-shows).
-        past = m.month < today.replace(day=1)
-        stmt = select(m.instrument_id, _sum(m.bookings), _sum(m.booked_min), _when(past, m.effective_min),
-                      _when(past, m.ext_institution_min), _when(past, m.ext_region_min), _when(past, m.no_shows),
-                      _sum(m.maintenance_min)).where(
-            m.month.in_(months)).group_by(m.instrument_id)
-        add(session.execute(_filter(stmt, scope, m.region_code, m.institution_id, m.facility_id)))
+        parts.append(_filter(select(
+            m.instrument_id.label("iid"), _sum(m.bookings).label("a"), _sum(m.booked_min).label("b"),
+            _sum(m.effective_min).label("c"), _sum(m.ext_institution_min).label("d"),
+            _sum(m.ext_region_min).label("e"), _sum(m.no_shows).label("f"),
+            _sum(m.maintenance_min).label("g"),
+        ).where(m.month.in_(months)).group_by(m.instrument_id), scope, m.region_code, m.institution_id, m.facility_id))
     if ranges:
         i = StatInstrumentDay
         ended = i.day < today
-        stmt = select(i.instrument_id, _sum(i.bookings), _sum(i.booked_min), _when(ended, i.effective_min),
-                      _when(ended, i.ext_institution_min), _when(ended, i.ext_region_min),
-                      _when(ended, i.no_shows), _sum(i.maintenance_min)).where(
-            or_(*(i.day.between(lo, hi) for lo, hi in ranges))).group_by(i.instrument_id)
-        add(session.execute(_inst_filter(stmt, scope)))
-    return {k: (v[0], v[1], v[2], v[3], v[4], v[5], v[6]) for k, v in out.items()}
+        parts.append(_inst_filter(select(
+            i.instrument_id.label("iid"), _sum(i.bookings).label("a"), _sum(i.booked_min).label("b"),
+            _when(ended, i.effective_min).label("c"), _when(ended, i.ext_institution_min).label("d"),
+            _when(ended, i.ext_region_min).label("e"), _when(ended, i.no_shows).label("f"),
+            _sum(i.maintenance_min).label("g"),
+        ).where(or_(*(i.day.between(lo, hi) for lo, hi in ranges))).group_by(i.instrument_id), scope))
+    if len(parts) == 1:
+        rows = session.execute(parts[0])
+    else:  # the database adds the months and the days up: far cheaper than merging two result sets in Python
+        both = union_all(*parts).subquery()
+        rows = session.execute(select(both.c.iid, *(func.sum(both.c[k]) for k in "abcdefg")).group_by(both.c.iid))
+    return {int(r[0]): (int(r[1]), int(r[2]), int(r[3]), int(r[4]), int(r[5]), int(r[6]), int(r[7])) for r in rows}
 
 
 _Figures = tuple[int, int, int, int, int, int, int, float | None, bool]  # …figures, available, utilisation, retired
