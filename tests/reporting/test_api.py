@@ -23,7 +23,7 @@ from labcommons.billing.models import AccountKind, BillingAccount, Charge, Payer
 from labcommons.booking.models import Booking, BookingKind, BookingPolicy, BookingStatus
 from labcommons.identity import roles
 from labcommons.identity import service as identity
-from labcommons.reporting.api import local_today
+from labcommons.reporting.aggregate import today as local_today
 from labcommons.reporting.exports import hours
 from tests.factories import World, add_instrument, next_grid_day
 from tests.reporting.conftest import local

@@ -353,6 +353,33 @@ def pending(session: Session) -> int:
     return int(session.scalar(select(func.count()).select_from(StatDirty)) or 0)
 
 
+@dataclass(frozen=True)
+class TableStatus:
+    """How current the statistics tables are."""
+
+    pending_marks: int
+    oldest_mark_at: datetime | None
+    instrument_day_rows: int
+    facility_day_rows: int
+    first_day: date | None
+    last_day: date | None
+    last_refresh_job_at: datetime | None
+
+
+def table_status(session: Session) -> TableStatus:
+    """Pending dirty marks, rows in each table, the days covered, and when the periodic refresh last finished."""
+    from labcommons.notifications.models import Job, JobStatus
+
+    pending_marks, oldest = session.execute(select(func.count(), func.min(StatDirty.marked_at))).one()
+    inst_rows, first_day, last_day = session.execute(
+        select(func.count(), func.min(StatInstrumentDay.day), func.max(StatInstrumentDay.day))).one()
+    fac_rows = session.scalar(select(func.count()).select_from(StatFacilityDay)) or 0
+    last_job = session.scalar(select(func.max(Job.finished_at)).where(
+        Job.kind == "stat_refresh", Job.status == JobStatus.done))
+    return TableStatus(int(pending_marks or 0), oldest, int(inst_rows or 0), int(fac_rows), first_day, last_day,
+                       last_job)
+
+
 def has_pending(session: Session) -> bool:
     """Whether any instrument-day waits to be recomputed (one indexed read)."""
     return session.scalar(select(StatDirty.instrument_id).limit(1)) is not None

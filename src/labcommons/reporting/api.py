@@ -10,25 +10,23 @@ docs/metrics.md defines them.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import date
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query
 from fastapi.responses import Response
-from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from labcommons import i18n
 from labcommons.actor import Actor
+from labcommons.billing.exports import PDF_TYPE
 from labcommons.billing.invoice_api import attachment
 from labcommons.db import MAX_ID, Database
 from labcommons.errors import Forbidden
 from labcommons.http import Db, require_scope
 from labcommons.identity.roles import Action, require
-from labcommons.notifications.models import Job, JobStatus
 from labcommons.reporting import aggregate, exports, service
-from labcommons.reporting.models import StatDirty, StatFacilityDay, StatInstrumentDay
 from labcommons.reporting.schemas import (
     DashboardRead,
     InstrumentPage,
@@ -43,7 +41,6 @@ from labcommons.reporting.service import Dashboard, InstrumentRow, Period, Scope
 
 router = APIRouter(tags=["statistics"])
 
-PDF_TYPE = "application/pdf"
 MAX_PAGE = 500
 
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -79,7 +76,6 @@ ToParam = Annotated[str | None, Query(alias="to", max_length=10, description="La
                                                                               "default today")]
 
 
-local_today = aggregate.today
 
 
 @dataclass(frozen=True)
@@ -93,7 +89,7 @@ class StatsQuery:
 
 def _resolve(db: Database, actor: Actor, scope: str | None, first: str | None, last: str | None) -> StatsQuery:
     """Check the scope and period, then bring the pre-aggregates up to date."""
-    today = local_today()
+    today = aggregate.today()
     with db.unit_of_work(write=False) as session:
         if scope in (None, ""):
             visible = service.visible_scopes(session, actor)
@@ -209,7 +205,7 @@ def annual_report(institution_id: Annotated[int, Path(ge=1, le=MAX_ID)],
     from labcommons.reporting.report import annual_report_pdf
 
     period = service.year_period(year)
-    today = local_today()
+    today = aggregate.today()
     with db.unit_of_work(write=False) as session:
         scope = service.resolve_scope(session, actor, f"institution:{institution_id}")
     aggregate.ensure_current(db)
@@ -222,16 +218,8 @@ def annual_report(institution_id: Annotated[int, Path(ge=1, le=MAX_ID)],
 
 
 def statistics_status(session: Session, today: date) -> StatusRead:
-    """Pending dirty marks, rows in each table, the days covered, and the last periodic refresh."""
-    pending, oldest = session.execute(select(func.count(), func.min(StatDirty.marked_at))).one()
-    inst_rows, first_day, last_day = session.execute(
-        select(func.count(), func.min(StatInstrumentDay.day), func.max(StatInstrumentDay.day))).one()
-    fac_rows = session.scalar(select(func.count()).select_from(StatFacilityDay)) or 0
-    last_job = session.scalar(select(func.max(Job.finished_at)).where(
-        Job.kind == "stat_refresh", Job.status == JobStatus.done))
-    return StatusRead(pending_marks=int(pending or 0), oldest_mark_at=oldest, instrument_day_rows=int(inst_rows or 0),
-                      facility_day_rows=int(fac_rows), first_day=first_day, last_day=last_day,
-                      last_refresh_job_at=last_job, today=today)
+    """The tables' status as the API reports it."""
+    return StatusRead(**asdict(aggregate.table_status(session)), today=today)
 
 
 @router.get("/stats/status", response_model=StatusRead, responses=ERRORS)
@@ -239,4 +227,4 @@ def status(actor: Reader, db: Db) -> StatusRead:
     """How current the pre-aggregated statistics are (platform administrators). Reading them does not refresh."""
     require(actor, Action.view_all_statistics)
     with db.unit_of_work(write=False) as session:
-        return statistics_status(session, local_today())
+        return statistics_status(session, aggregate.today())

@@ -38,7 +38,7 @@ ToOption = Annotated[str | None, typer.Option("--to", help="Last local day, incl
 def _checked(db: Database, scope_token: str, first: str | None, last: str | None) -> tuple[Scope, Period, date]:
     """The scope and period asked for, checked, with the platform's today; the statistics brought up to date."""
     from labcommons.reporting import aggregate, service
-    from labcommons.reporting.api import local_today
+    from labcommons.reporting.aggregate import today as local_today
 
     today = local_today()
     with db.unit_of_work(write=False) as session:
@@ -87,7 +87,8 @@ def refresh() -> None:
 @reporting_app.command("status")
 def status(as_json: Annotated[bool, typer.Option("--json", help="Print as JSON")] = False) -> None:
     """How many instrument-days wait to be recomputed, the rows in each table and the days they cover."""
-    from labcommons.reporting.api import local_today, statistics_status
+    from labcommons.reporting.aggregate import today as local_today
+    from labcommons.reporting.api import statistics_status
 
     db = database()
     try:

@@ -26,7 +26,6 @@ from labcommons.db import Database, utcnow
 from labcommons.errors import Forbidden, InvalidInput, NotFound
 from labcommons.http import Id, get_db, page_actor
 from labcommons.i18n import gettext_ as _
-from labcommons.identity.roles import PERMISSIONS
 from labcommons.pages import N_, env, is_htmx, localized, localtime, render
 from labcommons.reporting import aggregate, exports, report, service
 from labcommons.reporting.charts import dashboard_charts, hours_text, percent_text
@@ -48,18 +47,8 @@ SERVICE_MESSAGES = (
 )
 KIND_LABELS = {ScopeKind.platform: N_("Platform"), ScopeKind.region: N_("Region"),
                ScopeKind.institution: N_("Institution"), ScopeKind.facility: N_("Facility")}
-_ROLES = frozenset(role for action in service.STATISTICS_ACTIONS for role in PERMISSIONS[action].roles)
-
-
-def reads_statistics(actor: Actor | None) -> bool:
-    """Whether the layout links the statistics: the actor holds a role that reads some scope's figures."""
-    return actor is not None and any(g.role in _ROLES for g in actor.grants)
-
-
-env.globals["reads_statistics"] = reads_statistics
-
-
-platform_today = aggregate.today
+# The layout links the statistics for those who hold a role that reads some scope's figures.
+env.globals["reads_statistics"] = service.reads_statistics
 
 
 def error_text(exc: InvalidInput) -> str:
@@ -221,7 +210,7 @@ def stats_page(request: Request, db: Db, scope: ScopeParam = None, first: FromPa
                last: ToParam = None) -> HTMLResponse:
     """A scope's dashboard for a period: charts, key figures, tables with CSV links, XLSX and report downloads."""
     actor = _gate(request, db)
-    today = platform_today()
+    today = aggregate.today()
     context: dict[str, Any] = {"error": None, "error_field": None, "dashboard": None, "scope": None,
                                "period": None, "form_scope": scope or "", "form_from": first or "",
                                "form_to": last or "", "period_links": [], "scopes": []}
@@ -258,8 +247,8 @@ def stats_xlsx(request: Request, db: Db, scope: ScopeParam = None, first: FromPa
     actor = _gate(request, db)
     try:
         with db.unit_of_work(write=False) as session:
-            chosen, period, _visible = _select(session, actor, scope, first, last, platform_today())
-            d = service.dashboard(session, chosen, period, platform_today())
+            chosen, period, _visible = _select(session, actor, scope, first, last, aggregate.today())
+            d = service.dashboard(session, chosen, period, aggregate.today())
             rows = service.instrument_rows(session, chosen, period, d.today)
     except InvalidInput as exc:
         return _invalid(request, exc)
@@ -276,8 +265,8 @@ def stats_csv(table: str, request: Request, db: Db, scope: ScopeParam = None, fi
         raise NotFound(f"No table {table!r}; there are: {', '.join(exports.TABLES)}.", field="table")
     try:
         with db.unit_of_work(write=False) as session:
-            chosen, period, _visible = _select(session, actor, scope, first, last, platform_today())
-            d = service.dashboard(session, chosen, period, platform_today())
+            chosen, period, _visible = _select(session, actor, scope, first, last, aggregate.today())
+            d = service.dashboard(session, chosen, period, aggregate.today())
             rows = service.instrument_rows(session, chosen, period, d.today) if table == "instruments" else []
     except InvalidInput as exc:
         return _invalid(request, exc)
@@ -292,7 +281,7 @@ def stats_report(institution_id: Id, year: int, request: Request, db: Db) -> Res
     try:
         with db.unit_of_work(write=False) as session:
             chosen = service.resolve_scope(session, actor, f"institution:{institution_id}")
-            content = report.annual_report_pdf(session, chosen, year, platform_today(), i18n.get_locale())
+            content = report.annual_report_pdf(session, chosen, year, aggregate.today(), i18n.get_locale())
     except InvalidInput as exc:
         return _invalid(request, exc)
     return _attachment(content, PDF_TYPE, report.report_filename(chosen, year))

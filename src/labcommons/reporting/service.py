@@ -181,14 +181,21 @@ STATISTICS_ACTIONS = (Action.view_facility_statistics, Action.view_institution_s
                       Action.view_region_statistics, Action.view_all_statistics)
 
 
+_STATISTICS_ROLES = frozenset(role for action in STATISTICS_ACTIONS for role in PERMISSIONS[action].roles)
+
+
+def reads_statistics(actor: Actor | None) -> bool:
+    """Whether the actor holds a role that reads some scope's statistics."""
+    return actor is not None and any(g.role in _STATISTICS_ROLES for g in actor.grants)
+
+
 def require_statistics_role(actor: Actor | None) -> Actor:
     """The actor, if they hold some role that reads statistics (a cheap first gate before the scope is known)."""
     from labcommons.errors import Forbidden, Unauthenticated
 
     if actor is None:
         raise Unauthenticated("Sign in to read statistics.")
-    roles = {role for action in STATISTICS_ACTIONS for role in PERMISSIONS[action].roles}
-    if not any(g.role in roles for g in actor.grants):
+    if not reads_statistics(actor):
         raise Forbidden("You may not read statistics (no facility, institution, region or platform role).",
                         action=Action.view_facility_statistics.value)
     return actor
@@ -558,14 +565,6 @@ def users_served(session: Session, scope: Scope, period: Period) -> tuple[int, i
         stmt = counts.where(probe.exists())
     row = session.execute(stmt).one()
     return int(row[0] or 0), int(row[1] or 0)
-
-
-def median_lead_hours(session: Session, scope: Scope, period: Period) -> float | None:
-    """Median hours from making a booking to its start, interpolated within the lead-time buckets."""
-    stmt = select(*(_sum(getattr(StatFacilityDay, c)) for c in LEAD_COLUMNS)).where(
-        StatFacilityDay.day.between(period.first, period.last))
-    counts = [int(v) for v in session.execute(_fac_filter(stmt, scope)).one()]
-    return median_from_buckets(counts)
 
 
 def median_from_buckets(counts: Sequence[int]) -> float | None:
