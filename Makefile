@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo test bench bench-dashboard bench-matching lint typecheck serve browser fonts clean
+.PHONY: demo test test-fuzz bench bench-dashboard bench-matching lint typecheck serve browser fonts clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,10 @@ typecheck: $(VENV)/.stamp-dev
 
 test: $(VENV)/.stamp-dev browser fonts lint typecheck
 	$(BIN)/pytest -n 2 --dist loadgroup
+
+# The long API fuzzing run: at least 5,000 generated requests against the OpenAPI schema (make test runs a sample).
+test-fuzz: $(VENV)/.stamp-dev
+	LABCOMMONS_FUZZ_CASES=$${LABCOMMONS_FUZZ_CASES:-5000} $(BIN)/pytest -m fuzz tests/fuzz
 
 bench: $(VENV)/.stamp-dev
 	@command -v wrk >/dev/null 2>&1 || { if [ "$$(id -u)" = "0" ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q wrk; else echo "wrk missing: falling back to the asyncio client" >&2; fi; }

@@ -10,9 +10,11 @@ from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.staticfiles import StaticFiles
 
 from labcommons import __version__, i18n
+from labcommons.audit import context as audit_context
 from labcommons.config import Settings, get_settings
 from labcommons.db import Database
 from labcommons.http import SESSION_COOKIE, install_error_handlers
+from labcommons.security.middleware import client_address, install_security
 
 API_PREFIX = "/api/v1"
 
@@ -143,11 +145,24 @@ def create_app(
     from labcommons.reporting.pages import router as reporting_pages
     app.include_router(reporting_pages)
     app.mount("/static", StaticFiles(directory=Path(__file__).parent / "static"), name="static")
+    from labcommons.audit.api import router as audit_api
+    from labcommons.audit.pages import router as audit_pages
+    from labcommons.identity.privacy_api import router as privacy_api
+    from labcommons.identity.privacy_pages import router as privacy_pages
+
+    app.include_router(audit_api, prefix=API_PREFIX)
+    app.include_router(privacy_api, prefix=API_PREFIX)
+    app.include_router(audit_pages)
+    app.include_router(privacy_pages)
 
     @app.middleware("http")
     async def locale_and_cookies(
         request: Request, call_next: Callable[[Request], Awaitable[Response]]
     ) -> Response:
+        with audit_context.acting("anonymous", client_ip=client_address(request, settings)):
+            return await _localised(request, call_next)
+
+    async def _localised(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         from labcommons.pages import ANON_COOKIE, new_anon_token
 
         query_lang = request.query_params.get("lang")
@@ -168,4 +183,6 @@ def create_app(
             response.headers.setdefault("Referrer-Policy", "same-origin")
         return response
 
+    # Outermost: size limits, rate limits and security headers apply to every response, errors included.
+    install_security(app, settings)
     return app

@@ -438,9 +438,26 @@ def seed_synthetic(
         aggregate.rebuild(db, progress=lambda done, total: progress.update(task, completed=done, total=total))
 
 
+def _add_reliability_commands() -> None:
+    from labcommons.audit import cli as audit_cli
+    from labcommons.identity import cli_privacy
+    from labcommons.ops import cli as ops_cli
+
+    app.add_typer(audit_cli.app, name="audit", help="The hash-chained audit log: verify, show, head.")
+    ops_cli.register(app)
+    cli_privacy.register(users_app)
+
+
+_add_reliability_commands()
+
+
 def main() -> None:
+    from labcommons.audit import context as audit_context
+
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    app()
+    # What a command changes is logged as done from the command line.
+    with audit_context.acting("cli"):
+        app()
 
 
 if __name__ == "__main__":

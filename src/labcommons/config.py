@@ -85,6 +85,20 @@ class Settings(BaseSettings):
     s3_secret_key: str = ""
     s3_prefix: str = ""
 
+    # Hostile input. Request bodies above this size are refused with 413 before they are read (result uploads have
+    # result_max_bytes instead); writes are limited per caller and minute, shared by every process through the
+    # database (0 turns the limit off).
+    max_body_bytes: int = 1024 * 1024
+    write_rate_per_minute: int = 300
+    # Behind a TLS-terminating proxy: trust its X-Forwarded-Proto (for HSTS and Secure cookies) and
+    # X-Forwarded-For (for per-address limits). Only switch on when the proxy overwrites these headers.
+    trust_proxy_headers: bool = False
+    hsts_max_age_seconds: int = 31536000
+
+    # The audit log's chain is an HMAC under this key (empty: derived from secret_key), so whoever can write to
+    # the database but does not hold the key cannot rewrite the chain unnoticed.
+    audit_key: str = ""
+
     @model_validator(mode="before")
     @classmethod
     def _secure_cookies_behind_https(cls, data: Any) -> Any:

@@ -126,6 +126,10 @@ class Database:
     """An engine with two session factories: reads, and serialised writes."""
 
     def __init__(self, engine: Engine) -> None:
+        from labcommons.audit import capture
+
+        # Every session of every database appends its state changes to the audit log at commit.
+        capture.register()
         self.engine = engine
         self.is_sqlite = engine.dialect.name == "sqlite"
         write_bind = engine.execution_options(sqlite_immediate=True) if self.is_sqlite else engine

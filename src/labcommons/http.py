@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from labcommons.actor import Actor
+from labcommons.audit import context as audit_context
 from labcommons.config import get_settings
 from labcommons.db import MAX_ID, Database
 from labcommons.errors import DomainError, Forbidden, Unauthenticated
@@ -51,16 +52,22 @@ def api_actor(request: Request) -> Actor:
                                     field="X-CSRF-Token")
             return actor
         raise Unauthenticated("Send an API token as 'Authorization: Bearer <token>'.")
+    actor = _token_actor(request, token.strip())
+    audit_context.identify(actor.user_id, "token")
+    return actor
+
+
+def _token_actor(request: Request, token: str) -> Actor:
     db = get_db(request)
     try:
         with db.unit_of_work(write=False) as session:
-            return identity.authenticate_token(session, token.strip())
+            return identity.authenticate_token(session, token)
     except OperationalError:
         if not db.is_sqlite:
             raise
         # SQLite will not upgrade a stale read to a write (the once-a-minute last-used stamp); retry serialised.
         with db.unit_of_work(write=True) as session:
-            return identity.authenticate_token(session, token.strip())
+            return identity.authenticate_token(session, token)
 
 
 class InsufficientScope(Forbidden):
@@ -133,6 +140,8 @@ def page_actor(request: Request) -> Actor | None:
         with get_db(request).unit_of_work(write=False) as session:
             actor = identity.actor_for_web_session(session, token)
     request.state.actor = actor
+    if actor is not None:
+        audit_context.identify(actor.user_id, "user")
     return actor
 
 

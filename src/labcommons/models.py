@@ -1,5 +1,6 @@
 """Imports every domain's tables so the metadata is complete (Alembic and tests use it)."""
 
+from labcommons.audit.models import AuditEntry, AuditHead
 from labcommons.billing.models import (
     AccountDeposit,
     AccountMember,
@@ -76,11 +77,14 @@ from labcommons.orders.models import (
     ServiceOrder,
 )
 from labcommons.reporting.models import StatDirty, StatFacilityDay, StatInstrumentDay, StatInstrumentMonth
+from labcommons.security.models import RateLimitBucket
 
 __all__ = [
     "AccountDeposit",
     "AccountMember",
     "ApiToken",
+    "AuditEntry",
+    "AuditHead",
     "Base",
     "BillingAccount",
     "BillingHold",
@@ -123,6 +127,7 @@ __all__ = [
     "Quote",
     "QuoteLine",
     "Rate",
+    "RateLimitBucket",
     "Region",
     "ResultFile",
     "RoleGrant",

@@ -28,6 +28,9 @@ class User(Base):
     timezone: Mapped[str | None] = mapped_column(String(64))
     is_active: Mapped[bool] = mapped_column(default=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # Set when the user asked for deletion: their personal data is replaced by placeholders, the row stays for the
+    # ledger and the audit log, which refer to it by id.
+    deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     institution: Mapped[Institution | None] = relationship(lazy="raise")
 

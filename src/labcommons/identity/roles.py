@@ -84,6 +84,9 @@ class Action(enum.StrEnum):
     post_demand = "post_demand"
     answer_demands = "answer_demands"
     manage_experts = "manage_experts"
+    manage_own_data = "manage_own_data"
+    view_audit_log = "view_audit_log"
+    verify_audit_log = "verify_audit_log"
 
 
 @dataclass(frozen=True)
@@ -161,6 +164,13 @@ PERMISSIONS: dict[Action, Rule] = {
     Action.manage_experts: Rule(
         Target.facility, _FAC_MANAGER, "Add and edit the expert profiles of a facility (experts edit their own)"
     ),
+    Action.manage_own_data: Rule(
+        Target.none, _ANY, "Export one's personal data and have it deleted (personal-information protection law)"
+    ),
+    Action.view_audit_log: Rule(
+        Target.region, frozenset({Role.region_authority, Role.platform_admin}), "Read a region's audit log"
+    ),
+    Action.verify_audit_log: Rule(Target.none, _PLATFORM, "Verify the audit log's hash chain"),
 }
 
 # Which action grants (and revokes) each role, and over which kind of scope the role is held.
@@ -192,6 +202,7 @@ SCOPES: dict[str, str] = {
     "demands:write": N_("Post demands, accept offers; answer demands and edit experts your roles allow"),
     "stats:read": N_("Read the sharing statistics, dashboards, exports and reports your roles allow"),
     "account": N_("Read your account and manage your API tokens"),
+    "audit:read": N_("Read the audit log your roles allow"),
     "admin": N_("Administration your roles allow"),
 }
 
@@ -484,6 +495,15 @@ ROUTES: dict[tuple[str, str], Access] = {
     ("GET", "/api/v1/stats/tables/{table}.csv"): Action.view_facility_statistics,
     ("GET", "/api/v1/stats/reports/{institution_id}/{year}.pdf"): Action.view_institution_statistics,
     ("GET", "/stats"): Action.view_facility_statistics,
+    # Issue 9: the audit log (audit/api.py, audit/pages.py) and personal data (identity/privacy_*.py).
+    ("GET", "/api/v1/audit"): Action.view_audit_log,
+    ("GET", "/api/v1/audit/verify"): Action.verify_audit_log,
+    ("GET", "/audit"): Action.view_audit_log,
+    ("GET", "/api/v1/me/export"): Action.manage_own_data,
+    ("POST", "/api/v1/me/deletion"): Action.manage_own_data,
+    ("GET", "/account/privacy"): Action.manage_own_data,
+    ("GET", "/account/privacy/export.json"): Action.manage_own_data,
+    ("POST", "/account/privacy/delete"): Action.manage_own_data,
     ("GET", "/stats/export.xlsx"): Action.view_facility_statistics,
     ("GET", "/stats/tables/{table}.csv"): Action.view_facility_statistics,
     ("GET", "/stats/reports/{institution_id}/{year}.pdf"): Action.view_institution_statistics,

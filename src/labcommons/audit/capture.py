@@ -1,0 +1,370 @@
+"""Capturing state changes: ORM flushes of audited tables become audit entries, written and chained at commit.
+
+Entries are collected after each flush (before/after values from the attribute history) and appended in
+`before_commit`: the session flushes what is left, looks up where each entity lives, then takes the chain's
+head row for update (the first write of the commit on SQLite, a row lock on PostgreSQL), so appends from many
+processes are serialised only for the moment of their commit, and a rolled-back change leaves no entry.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import date, datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import Table, event, inspect, null, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import get_history
+
+import labcommons.audit.models  # noqa: F401  (the tables below are looked up by name)
+from labcommons.audit import context
+from labcommons.audit.chain import GENESIS, HEAD_ID, audit_key, canonical_json, entry_hash
+from labcommons.db import Base, utcnow
+
+PENDING = "audit_pending"
+
+# An anchor says where an entity lives: ("direct", region, institution, facility), or (kind, id) looked up at
+# commit ("instrument", "facility", "institution", "user", "order", "account", "voucher"), or None (platform).
+Anchor = tuple[Any, ...] | None
+
+
+def _direct(region: str, institution: str | None = None, facility: str | None = None) -> Callable[[Any], Anchor]:
+    def anchor(obj: Any) -> Anchor:
+        return ("direct", getattr(obj, region, None), getattr(obj, institution, None) if institution else None,
+                getattr(obj, facility, None) if facility else None)
+    return anchor
+
+
+def _by(kind: str, attribute: str) -> Callable[[Any], Anchor]:
+    def anchor(obj: Any) -> Anchor:
+        value = getattr(obj, attribute, None)
+        return (kind, value) if value is not None else None
+    return anchor
+
+
+def _grant_anchor(obj: Any) -> Anchor:
+    if obj.facility_id is not None:
+        return ("facility", obj.facility_id)
+    if obj.institution_id is not None:
+        return ("institution", obj.institution_id)
+    return ("direct", obj.region_code, None, None) if obj.region_code else None
+
+
+def _platform(obj: Any) -> Anchor:
+    return None
+
+
+@dataclass(frozen=True)
+class Audited:
+    entity: str
+    anchor: Callable[[Any], Anchor]
+    # Named events instead of created/updated/deleted, e.g. a web session's creation is a login.
+    verbs: tuple[str, str, str] = ("created", "updated", "deleted")
+
+
+# Every table whose rows are state users and staff change. Left out on purpose: derived tables (statistics,
+# matching index, demand matches), queues and caches (jobs, idempotency records, throttles), and detail rows whose
+# parent's entry already says what changed (quote lines, invoice lines, sample events).
+AUDITED: dict[str, Audited] = {
+    "institution": Audited("institution", _direct("region_code", "id")),
+    "facility": Audited("facility", _by("institution", "institution_id")),
+    "instrument": Audited("instrument", _direct("region_code", "institution_id", "facility_id")),
+    "service": Audited("service", _direct("region_code", "institution_id", "facility_id")),
+    "service_accreditation": Audited("service_accreditation", _platform),
+    "user_account": Audited("user", _direct("region_code", "institution_id")),
+    "api_token": Audited("api_token", _by("user", "user_id")),
+    "web_session": Audited("session", _by("user", "user_id"), ("login", "session.updated", "logout")),
+    "role_grant": Audited("role_grant", _grant_anchor),
+    "password_reset": Audited("password_reset", _by("user", "user_id")),
+    "identity_provider": Audited("identity_provider", _platform),
+    "external_identity": Audited("external_identity", _by("user", "user_id")),
+    "oidc_client": Audited("oidc_client", _platform),
+    "oidc_consent": Audited("oidc_consent", _by("user", "user_id")),
+    "booking": Audited("booking", _by("instrument", "instrument_id")),
+    "booking_policy": Audited("booking_policy", _by("instrument", "instrument_id")),
+    "qualification": Audited("qualification", _by("instrument", "instrument_id")),
+    "booking_series": Audited("booking_series", _by("instrument", "instrument_id")),
+    "waitlist_entry": Audited("waitlist_entry", _by("instrument", "instrument_id")),
+    "instrument_token": Audited("instrument_token", _by("instrument", "instrument_id")),
+    "calendar_feed": Audited("calendar_feed", _by("user", "owner_id")),
+    "service_order": Audited("order", _by("facility", "facility_id")),
+    "order_event": Audited("order_step", _by("order", "order_id")),
+    "quote": Audited("quote", _by("order", "order_id")),
+    "sample": Audited("sample", _by("order", "order_id")),
+    "result_file": Audited("result_file", _by("order", "order_id")),
+    "order_message": Audited("order_message", _by("order", "order_id")),
+    "order_rating": Audited("order_rating", _by("order", "order_id")),
+    "billing_policy": Audited("billing_policy", _by("facility", "facility_id")),
+    "rate": Audited("rate", _by("facility", "facility_id")),
+    "billing_account": Audited("billing_account", _direct("region_code", "institution_id")),
+    "account_member": Audited("account_member", _by("account", "account_id")),
+    "account_deposit": Audited("account_deposit", _by("account", "account_id")),
+    "billing_hold": Audited("billing_hold", _by("account", "account_id")),
+    "charge": Audited("charge", _direct("provider_region_code", "provider_institution_id", "facility_id")),
+    "payment": Audited("payment", _by("account", "account_id")),
+    "voucher": Audited("voucher", _direct("issuer_region_code")),
+    "voucher_redemption": Audited("voucher_redemption", _by("voucher", "voucher_id")),
+    "voucher_recognition": Audited("voucher_recognition", _platform),
+    "talent_card": Audited("talent_card", _by("user", "user_id")),
+    "talent_entitlement": Audited("talent_entitlement", _platform),
+    "invoice": Audited("invoice", _by("account", "account_id")),
+    "expert": Audited("expert", _direct("region_code", "institution_id", "facility_id")),
+    "demand": Audited("demand", _by("user", "user_id")),
+    "demand_offer": Audited("demand_offer", _by("facility", "facility_id")),
+    "demand_subscription": Audited("demand_subscription", _by("facility", "facility_id")),
+    "notification_preference": Audited("notification_preference", _by("user", "user_id")),
+}
+
+# Columns that change with every touch and say nothing about state.
+IGNORED = {"search_name", "search_body", "updated_at", "last_used_at"}
+# Secrets: the log says that they changed, never their value nor a digest of it.
+SECRET = {"password_hash", "token_hash", "client_secret_hash", "secret", "private_key", "private_jwk"}
+# Personal data: the log keeps a keyed digest, enough to prove a value later and useless to read it.
+PERSONAL = {
+    ("user_account", "email"), ("user_account", "name"), ("booking", "purpose"), ("booking", "cancel_note"),
+    ("booking_series", "purpose"), ("waitlist_entry", "purpose"), ("service_order", "contact_phone"),
+    ("service_order", "description"), ("order_message", "body"), ("order_rating", "comment"),
+    ("talent_card", "card_number"), ("talent_card", "holder_name"), ("demand", "text"),
+    ("external_identity", "email"), ("external_identity", "subject"), ("password_reset", "email"),
+}
+
+
+@dataclass
+class _Pending:
+    at: datetime
+    actor_id: int | None
+    actor_kind: str
+    client_ip: str | None
+    action: str
+    table: str
+    entity_type: str
+    entity_id: str
+    anchor: Anchor
+    changes: dict[str, Any]
+    # The innermost transaction when it was flushed: rolling back a savepoint drops what was flushed inside it.
+    transaction: Any
+
+
+def _plain(value: Any) -> Any:
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, date):
+        return value.isoformat()
+    if isinstance(value, Decimal | float):
+        return str(value)
+    if isinstance(value, bytes | bytearray | memoryview):
+        return f"<{len(bytes(value))} bytes>"
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_plain(v) for v in value]
+    return str(value)
+
+
+def personal_digest(table: str, column: str, value: Any) -> str:
+    """The keyed digest the log keeps in place of a personal value."""
+    message = f"{table}.{column}:{_plain(value)}".encode()
+    return "hmac:" + hmac.new(audit_key(), message, hashlib.sha256).hexdigest()[:24]
+
+
+def _recorded(table: str, column: str, value: Any) -> Any:
+    if value is None:
+        return None
+    if column in SECRET:
+        return "<secret>"
+    if (table, column) in PERSONAL:
+        return personal_digest(table, column, value)
+    return _plain(value)
+
+
+def _columns(table: Table) -> list[str]:
+    return [c.key for c in table.columns if c.key not in IGNORED]
+
+
+def _state_values(obj: Any, table: Table) -> dict[str, Any]:
+    # Only loaded values: reading an unloaded attribute of a deleted row would query for it.
+    loaded = inspect(obj).dict
+    return {name: _recorded(table.name, name, loaded[name]) for name in _columns(table) if name in loaded}
+
+
+def _entity_id(obj: Any, table: Table) -> str:
+    identity = inspect(obj).identity
+    if identity:
+        return "/".join(str(_plain(v)) for v in identity)
+    return "/".join(str(_plain(getattr(obj, c.key, None))) for c in table.primary_key.columns)
+
+
+def _collect(session: Session, obj: Any, verb_index: int) -> None:
+    table = getattr(obj, "__table__", None)
+    spec = AUDITED.get(table.name) if table is not None else None
+    if spec is None or table is None:
+        return
+    if verb_index == 0:
+        changes: dict[str, Any] = {"after": _state_values(obj, table)}
+    elif verb_index == 2:
+        changes = {"before": _state_values(obj, table)}
+    else:
+        before, after = {}, {}
+        for name in _columns(table):
+            history = get_history(obj, name)
+            if not history.has_changes():
+                continue
+            old = history.deleted[0] if history.deleted else None
+            new = history.added[0] if history.added else None
+            if old == new:
+                continue
+            before[name], after[name] = _recorded(table.name, name, old), _recorded(table.name, name, new)
+        if not after:
+            return
+        changes = {"before": before, "after": after}
+    verb = spec.verbs[verb_index]
+    action = f"{spec.entity}.{verb}" if verb in ("created", "updated", "deleted") else verb
+    acting = session.info.get("audit_actor") or context.current()
+    actor_id, actor_kind = acting.actor_id, acting.actor_kind
+    if actor_id is None and table.name == "web_session":
+        actor_id, actor_kind = obj.user_id, "user"  # a sign-in acts for the user it signs in
+    session.info.setdefault(PENDING, []).append(_Pending(
+        at=utcnow(), actor_id=actor_id, actor_kind=actor_kind, client_ip=acting.client_ip, action=action,
+        table=table.name, entity_type=spec.entity, entity_id=_entity_id(obj, table), anchor=spec.anchor(obj),
+        changes=changes, transaction=session.get_transaction(),
+    ))
+
+
+def _after_flush(session: Session, flush_context: Any) -> None:
+    for obj in session.new:
+        _collect(session, obj, 0)
+    for obj in session.dirty:
+        if session.is_modified(obj, include_collections=False):
+            _collect(session, obj, 1)
+    for obj in session.deleted:
+        _collect(session, obj, 2)
+
+
+def _table(name: str) -> Table:
+    return Base.metadata.tables[name]
+
+
+def _resolve(session: Session, pending: list[_Pending]) -> dict[tuple[str, Any], tuple[Any, Any, Any]]:
+    """Where each looked-up anchor lives: (region, institution, facility), one query per kind."""
+    wanted: dict[str, set[Any]] = {}
+    for item in pending:
+        if item.anchor and item.anchor[0] != "direct":
+            wanted.setdefault(item.anchor[0], set()).add(item.anchor[1])
+    found: dict[tuple[str, Any], tuple[Any, Any, Any]] = {}
+    if not wanted:
+        return found
+    inst, fac, ins = _table("institution"), _table("facility"), _table("instrument")
+
+    def fetch(kind: str, query: Any) -> None:
+        for key, region, institution, facility in session.execute(query):
+            found[(kind, key)] = (region, institution, facility)
+
+    for kind, ids in wanted.items():
+        ids_list = sorted(ids, key=str)
+        if kind == "instrument":
+            fetch(kind, select(ins.c.id, ins.c.region_code, ins.c.institution_id, ins.c.facility_id)
+                  .where(ins.c.id.in_(ids_list)))
+        elif kind == "facility":
+            fetch(kind, select(fac.c.id, inst.c.region_code, inst.c.id, fac.c.id)
+                  .join(inst, inst.c.id == fac.c.institution_id).where(fac.c.id.in_(ids_list)))
+        elif kind == "institution":
+            fetch(kind, select(inst.c.id, inst.c.region_code, inst.c.id, null()).where(inst.c.id.in_(ids_list)))
+        elif kind == "user":
+            user = _table("user_account")
+            fetch(kind, select(user.c.id, user.c.region_code, user.c.institution_id, null())
+                  .where(user.c.id.in_(ids_list)))
+        elif kind == "order":
+            order = _table("service_order")
+            fetch(kind, select(order.c.id, inst.c.region_code, inst.c.id, fac.c.id)
+                  .join(fac, fac.c.id == order.c.facility_id).join(inst, inst.c.id == fac.c.institution_id)
+                  .where(order.c.id.in_(ids_list)))
+        elif kind == "account":
+            account = _table("billing_account")
+            fetch(kind, select(account.c.id, account.c.region_code, account.c.institution_id, null())
+                  .where(account.c.id.in_(ids_list)))
+        elif kind == "voucher":
+            voucher = _table("voucher")
+            fetch(kind, select(voucher.c.id, voucher.c.issuer_region_code, null(), null())
+                  .where(voucher.c.id.in_(ids_list)))
+    return found
+
+
+def _take_head(session: Session, count: int) -> tuple[int, str]:
+    """Reserve `count` positions after the head, locking it until commit; gives the last seq and hash before."""
+    head = _table("audit_head")
+    reserve = (update(head).where(head.c.id == HEAD_ID).values(seq=head.c.seq + count)
+               .returning(head.c.seq, head.c.hash))
+    row = session.execute(reserve).first()
+    if row is None:
+        # The first entry ever (or after a test emptied the tables): create the head, racing writers agree.
+        dialect = postgresql if session.get_bind().dialect.name == "postgresql" else sqlite
+        session.execute(dialect.insert(head).values(id=HEAD_ID, seq=0, hash=GENESIS)
+                        .on_conflict_do_nothing())
+        row = session.execute(reserve).one()
+    return int(row.seq) - count, str(row.hash)
+
+
+def _before_commit(session: Session) -> None:
+    session.flush()
+    pending: list[_Pending] = session.info.pop(PENDING, [])
+    if not pending:
+        return
+    places = _resolve(session, pending)
+    last_seq, prev = _take_head(session, len(pending))
+    key = audit_key()
+    rows = []
+    for offset, item in enumerate(pending, start=1):
+        if item.anchor is None:
+            region, institution, facility = None, None, None
+        elif item.anchor[0] == "direct":
+            region, institution, facility = item.anchor[1:4]
+        else:
+            region, institution, facility = places.get((item.anchor[0], item.anchor[1]), (None, None, None))
+        changes = canonical_json(item.changes)
+        seq = last_seq + offset
+        digest = entry_hash(key, prev, seq, item.at, item.actor_id, item.actor_kind, item.client_ip, item.action,
+                            item.entity_type, item.entity_id, region, institution, facility, changes)
+        rows.append(dict(seq=seq, at=item.at, actor_id=item.actor_id, actor_kind=item.actor_kind,
+                         client_ip=item.client_ip, action=item.action, entity_type=item.entity_type,
+                         entity_id=item.entity_id, region_code=region, institution_id=institution,
+                         facility_id=facility, changes=changes, prev_hash=prev, hash=digest))
+        prev = digest
+    session.execute(_table("audit_entry").insert(), rows)
+    head = _table("audit_head")
+    session.execute(update(head).where(head.c.id == HEAD_ID).values(hash=prev))
+
+
+def _within(transaction: Any, ancestor: Any) -> bool:
+    while transaction is not None:
+        if transaction is ancestor:
+            return True
+        transaction = transaction.parent
+    return False
+
+
+def _soft_rollback(session: Session, previous_transaction: Any) -> None:
+    pending = session.info.get(PENDING)
+    if not pending:
+        return
+    if previous_transaction.nested:
+        session.info[PENDING] = [item for item in pending if not _within(item.transaction, previous_transaction)]
+    else:
+        session.info.pop(PENDING, None)
+
+
+def register() -> None:
+    """Listen on every session (idempotent)."""
+    if not event.contains(Session, "after_flush", _after_flush):
+        event.listen(Session, "after_flush", _after_flush)
+        event.listen(Session, "before_commit", _before_commit)
+        event.listen(Session, "after_soft_rollback", _soft_rollback)

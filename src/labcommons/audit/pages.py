@@ -1,0 +1,7 @@
+"""The audit log page (in progress)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+router = APIRouter()
