@@ -20,6 +20,9 @@ from tests.factories import World, build_world
 # Cheap password hashing in tests; must be set before the settings are first read.
 os.environ.setdefault("LABCOMMONS_ARGON2_TIME_COST", "1")
 os.environ.setdefault("LABCOMMONS_ARGON2_MEMORY_KIB", "1024")
+# No write rate limit unless a test sets one (tests/security/test_limits.py): fuzzing and load tests write far
+# faster than a person, as one user from one address, and the server processes they start inherit this.
+os.environ.setdefault("LABCOMMONS_WRITE_RATE_PER_MINUTE", "0")
 # Result files that a test stores without choosing a place land here, never in the working tree's ./data.
 os.environ.setdefault("LABCOMMONS_RESULT_DIR", tempfile.mkdtemp(prefix="labcommons-test-results-"))
 

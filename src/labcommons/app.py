@@ -177,12 +177,9 @@ def create_app(
             response.set_cookie("lang", locale, max_age=365 * 86400, samesite="lax")
         if anon:
             response.set_cookie(ANON_COOKIE, anon, httponly=True, samesite="lax", secure=settings.cookie_secure)
-        if is_page:
-            response.headers.setdefault("X-Frame-Options", "DENY")
-            response.headers.setdefault("X-Content-Type-Options", "nosniff")
-            response.headers.setdefault("Referrer-Policy", "same-origin")
         return response
 
-    # Outermost: size limits, rate limits and security headers apply to every response, errors included.
+    # Outermost, around Starlette's error middleware too: size limits, rate limits and security headers apply to
+    # every response, errors included.
     install_security(app, settings)
     return app

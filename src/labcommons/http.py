@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterator
+from datetime import date
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Path, Request
+from fastapi.dependencies.models import Dependant
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute, iter_route_contexts
+from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field
 from sqlalchemy.exc import DataError, OperationalError
 from sqlalchemy.orm import Session
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -25,8 +30,9 @@ from labcommons.identity.roles import Action
 
 log = logging.getLogger("labcommons")
 
-# A row id in a path: one beyond the id range is a 422 naming the parameter (see db.MAX_ID).
-Id = Annotated[int, Path(le=MAX_ID)]
+# A row id in a path: one outside the id range (ids are positive, see db.MAX_ID) is a 422 naming the parameter,
+# never a number the database driver cannot bind.
+Id = Annotated[int, Path(gt=0, le=MAX_ID)]
 
 
 def get_db(request: Request) -> Database:
@@ -96,6 +102,28 @@ def require_scope(scope: str) -> Callable[..., Actor]:
     return dependency
 
 
+_NUMBER = re.compile(r"\s*[-+]?[0-9]+(\.[0-9]*)?\s*")
+
+
+def _written_out(value: Any) -> Any:
+    # Pydantic reads a number, or a string of digits, as Unix time (541 is 1970-01-01T00:09:01Z); the API takes
+    # ISO 8601 text, as its schema says.
+    if isinstance(value, int | float) or (isinstance(value, str) and _NUMBER.fullmatch(value)):
+        raise ValueError("write it out, e.g. 2026-11-24 or 2026-11-24T08:00:00+08:00, not as a number")
+    return value
+
+
+def _day_written_out(value: Any) -> Any:
+    # Pydantic also takes a time at midnight for a day; the schema's `date` format is YYYY-MM-DD.
+    if isinstance(value, str) and not re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", value):
+        raise ValueError("a day is written YYYY-MM-DD, e.g. 2026-11-24")
+    return _written_out(value)
+
+
+# Times and days in requests (bodies and parameters): ISO 8601 text only; a time must carry its UTC offset.
+Instant = Annotated[AwareDatetime, BeforeValidator(_written_out)]
+Day = Annotated[date, BeforeValidator(_day_written_out)]
+
 # The database of a request and the Idempotency-Key header, as route parameter types.
 Db = Annotated[Database, Depends(get_db)]
 IdempotencyKey = Annotated[str | None, Header(max_length=200)]
@@ -157,8 +185,97 @@ def _wants_json(request: Request) -> bool:
     return request.url.path.startswith("/api/")
 
 
+def link(operation_id: str, **parameters: str) -> dict[str, Any]:
+    """An OpenAPI link to `operation_id`: each parameter from a field of the response body (`booking_id="id"`), or
+    from a runtime expression when it starts with `$` (`order_id="$request.path.order_id"`)."""
+    return {"operationId": operation_id,
+            "parameters": {name: v if v.startswith("$") else f"$response.body#/{v}" for name, v in parameters.items()}}
+
+
+class ErrorRead(BaseModel):
+    """The body of every API error; some errors add details (e.g. `conflicts`, `retry_after`, `errors`)."""
+
+    model_config = ConfigDict(extra="allow", title="Error")
+
+    error: str = Field(description="Stable snake_case code", examples=["overlapping_booking"])
+    message: str = Field(description="Human text in the caller's language")
+    field: str | None = Field(description="The input it concerns, when one does")
+
+
+_ERROR_REF = {"$ref": "#/components/schemas/Error"}
+# Answers any API route may give besides its own: how the request itself can be wrong (its size, its rate, its
+# credentials), all from this module or the security middleware.
+_INVALID = {"description": "Invalid input; `field` names it"}
+_TOO_LARGE = {"description": "The body is larger than the limit (`body_too_large`)"}
+_TOO_MANY = {"description": "Too many writes this minute (`rate_limited`); `Retry-After` says when to try again"}
+_NO_TOKEN = {"description": "No valid API token"}
+_NOT_ALLOWED = {"description": "Not allowed: roles, the token's scope, or a cookie write without its CSRF token"}
+_NOT_FOUND = {"description": "Nothing (visible to the caller) at this address"}
+
+
+def _calls(dependant: Dependant) -> Iterator[Callable[..., Any]]:
+    for dependency in dependant.dependencies:
+        if dependency.call is not None:
+            yield dependency.call
+        yield from _calls(dependency)
+
+
+def _document_errors(schema: dict[str, Any], app: FastAPI) -> None:
+    """Give every API operation the error answers it can give, with the error body as their schema."""
+    by_operation = {(r.path_format, m.lower()): r for r in iter_route_contexts(app.routes)
+                    if isinstance(r.original_route, APIRoute) for m in r.methods or ()}
+    for path, operations in schema.get("paths", {}).items():
+        if not path.startswith("/api/"):
+            continue
+        for method, operation in operations.items():
+            route = by_operation.get((path, method))
+            if route is None:
+                continue
+            responses: dict[str, Any] = operation.setdefault("responses", {})
+            dependant = route.dependant
+            extra: dict[str, dict[str, str]] = {}
+            if api_actor in set(_calls(dependant)):
+                extra |= {"401": _NO_TOKEN, "403": _NOT_ALLOWED}
+            if dependant.path_params:
+                extra["404"] = _NOT_FOUND
+            if "requestBody" in operation:
+                extra["413"] = _TOO_LARGE
+            if method.upper() in ("POST", "PUT", "PATCH", "DELETE"):
+                extra["429"] = _TOO_MANY
+            if "requestBody" in operation or operation.get("parameters"):
+                extra["422"] = _INVALID
+            for status, answer in extra.items():
+                responses.setdefault(status, dict(answer))
+            for status, answer in responses.items():
+                if not status.startswith("4"):
+                    continue
+                media = answer.setdefault("content", {}).setdefault("application/json", {})
+                given = media.get("schema", {}).get("$ref", "")
+                if not given or given.endswith("/HTTPValidationError"):
+                    media["schema"] = dict(_ERROR_REF)
+                if answer.get("description") == "Validation Error":
+                    answer["description"] = _INVALID["description"]
+            operation["responses"] = dict(sorted(responses.items()))
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    components["Error"] = ErrorRead.model_json_schema(ref_template="#/components/schemas/{model}")
+    # FastAPI's default 422 body (`detail`) is not what the handlers below send.
+    for unused in ("HTTPValidationError", "ValidationError"):
+        components.pop(unused, None)
+
+
 def install_error_handlers(app: FastAPI) -> None:
-    """Map domain errors, validation errors and HTTP errors to one JSON shape under /api."""
+    """Map domain errors, validation errors and HTTP errors to one JSON shape under /api, and say so in the
+    OpenAPI schema."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = generate()
+            _document_errors(schema, app)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     @app.exception_handler(DomainError)
     async def _domain(request: Request, exc: DomainError) -> Response:
@@ -200,6 +317,10 @@ def install_error_handlers(app: FastAPI) -> None:
             from labcommons.pages import render_error
 
             return render_error(request, exc.status_code, str(exc.detail))
+        if exc.status_code == 400:
+            # FastAPI's answer to a body it cannot even decode (e.g. not UTF-8): invalid input, like broken JSON.
+            return JSONResponse({"error": "invalid_json", "message": "The request body could not be read as JSON.",
+                                 "field": None}, status_code=422)
         return JSONResponse(
             {"error": codes.get(exc.status_code, "http_error"), "message": str(exc.detail), "field": None},
             status_code=exc.status_code, headers=getattr(exc, "headers", None),

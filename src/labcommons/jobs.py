@@ -51,11 +51,13 @@ _HANDLERS: dict[str, _Registered] = {}
 # Modules whose import registers handlers; loaded before a worker runs so every kind is known.
 HANDLER_MODULES = (
     "labcommons.notifications.service", "labcommons.booking.sweeps", "labcommons.orders.notify",
-    "labcommons.matching.index", "labcommons.reporting.aggregate",
+    "labcommons.matching.index", "labcommons.reporting.aggregate", "labcommons.security.service",
 )
 # Jobs every worker loop makes sure exist once per interval: (kind, seconds). The dedupe key names the interval,
 # so however many workers run, each sweep runs once per interval.
-PERIODIC: tuple[tuple[str, int], ...] = (("booking_sweep", 60), ("match_refresh", 60), ("stat_refresh", 60))
+PERIODIC: tuple[tuple[str, int], ...] = (
+    ("booking_sweep", 60), ("match_refresh", 60), ("stat_refresh", 60), ("rate_limit_prune", 600),
+)
 # How long finished jobs are kept for inspection before the sweep prunes them (failed ones are worth a longer look).
 KEEP_FINISHED = timedelta(days=7)
 KEEP_FAILED = timedelta(days=30)

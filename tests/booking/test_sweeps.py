@@ -17,16 +17,20 @@ from tests.factories import World
 def test_periodic_sweep_is_queued_once_per_interval_and_marks_no_shows(world: World) -> None:
     late = add_booking(world, "alice", starts_at=grid_now() - timedelta(minutes=60), minutes=90)
     now = utcnow()
-    # The booking sweep, the match-index refresh and the statistics refresh.
-    assert jobs.schedule_periodic(world.db, now=now) == len(jobs.PERIODIC) == 3
+    # The booking sweep, the match-index refresh, the statistics refresh and the rate-limit pruning.
+    assert jobs.schedule_periodic(world.db, now=now) == len(jobs.PERIODIC) == 4
     assert jobs.schedule_periodic(world.db, now=now) == 0  # a second worker in the same minute adds nothing
     stats = jobs.run_pending(world.db, "test-worker", now=now)
-    assert stats.done == 3 and stats.failed == 0
+    assert stats.done == 4 and stats.failed == 0
     with world.db.unit_of_work(write=False) as s:
         assert s.get(Booking, late).no_show is True  # type: ignore[union-attr]
         sweeps = s.scalars(select(Job.status).where(Job.kind == "booking_sweep")).all()
     assert sweeps == [JobStatus.done]
-    assert jobs.schedule_periodic(world.db, now=now + timedelta(seconds=61)) == 3
+    # A minute later the one-minute jobs are due again; the ten-minute one only if a ten-minute mark was passed.
+    later = now + timedelta(seconds=61)
+    due = sum(int(later.timestamp()) // seconds != int(now.timestamp()) // seconds for _kind, seconds in jobs.PERIODIC)
+    assert due >= 3
+    assert jobs.schedule_periodic(world.db, now=later) == due
     with world.db.unit_of_work(write=False) as s:
         assert s.scalar(select(func.count()).select_from(Job).where(Job.kind == "booking_sweep")) == 2
 

@@ -15,12 +15,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
+from types import SimpleNamespace
 from typing import Any
 
-from sqlalchemy import Table, event, inspect, null, select, update
+from sqlalchemy import Table, and_, event, inspect, null, or_, select, true, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.orm import Session
-from sqlalchemy.orm.attributes import get_history
+from sqlalchemy.orm import ORMExecuteState, Session
+from sqlalchemy.orm.attributes import PASSIVE_NO_INITIALIZE, get_history
 
 import labcommons.audit.models  # noqa: F401  (the tables below are looked up by name)
 from labcommons.audit import context
@@ -124,7 +125,8 @@ AUDITED: dict[str, Audited] = {
 # Columns that change with every touch and say nothing about state.
 IGNORED = {"search_name", "search_body", "updated_at", "last_used_at"}
 # Secrets: the log says that they changed, never their value nor a digest of it.
-SECRET = {"password_hash", "token_hash", "client_secret_hash", "secret", "private_key", "private_jwk"}
+SECRET = {"password_hash", "token_hash", "client_secret", "client_secret_hash", "secret", "secret_hash", "code_hash",
+          "state_hash", "browser_hash", "private_key", "private_jwk"}
 # Personal data: the log keeps a keyed digest, enough to prove a value later and useless to read it.
 PERSONAL = {
     ("user_account", "email"), ("user_account", "name"), ("booking", "purpose"), ("booking", "cancel_note"),
@@ -132,6 +134,12 @@ PERSONAL = {
     ("service_order", "description"), ("order_message", "body"), ("order_rating", "comment"),
     ("talent_card", "card_number"), ("talent_card", "holder_name"), ("demand", "text"),
     ("external_identity", "email"), ("external_identity", "subject"), ("password_reset", "email"),
+    ("service_order", "title"), ("service_order", "sample_description"), ("order_event", "comment"),
+    ("quote", "note"), ("quote", "decision_note"), ("sample", "description"), ("sample_event", "note"),
+    ("result_file", "filename"), ("demand", "sample_type"), ("demand_offer", "message"), ("qualification", "note"),
+    ("talent_card", "note"), ("account_deposit", "reference"), ("billing_account", "name"),
+    ("expert", "name_zh"), ("expert", "name_en"), ("expert", "bio_zh"), ("expert", "bio_en"),
+    ("booking_series", "rrule"), ("waitlist_entry", "purpose"), ("api_token", "name"),
 }
 
 
@@ -204,6 +212,21 @@ def _entity_id(obj: Any, table: Table) -> str:
     return "/".join(str(_plain(getattr(obj, c.key, None))) for c in table.primary_key.columns)
 
 
+def _append(session: Session, table: Table, spec: Audited, verb_index: int, entity_id: str, anchor: Anchor,
+            changes: dict[str, Any], owner_id: Any = None) -> None:
+    verb = spec.verbs[verb_index]
+    action = f"{spec.entity}.{verb}" if verb in ("created", "updated", "deleted") else verb
+    acting = session.info.get("audit_actor") or context.current()
+    actor_id, actor_kind = acting.actor_id, acting.actor_kind
+    if actor_id is None and table.name == "web_session":
+        actor_id, actor_kind = owner_id, "user"  # a sign-in acts for the user it signs in
+    session.info.setdefault(PENDING, []).append(_Pending(
+        at=utcnow(), actor_id=actor_id, actor_kind=actor_kind, client_ip=acting.client_ip, action=action,
+        table=table.name, entity_type=spec.entity, entity_id=entity_id, anchor=anchor, changes=changes,
+        transaction=session.get_nested_transaction() or session.get_transaction(),
+    ))
+
+
 def _collect(session: Session, obj: Any, verb_index: int) -> None:
     table = getattr(obj, "__table__", None)
     spec = AUDITED.get(table.name) if table is not None else None
@@ -216,7 +239,8 @@ def _collect(session: Session, obj: Any, verb_index: int) -> None:
     else:
         before, after = {}, {}
         for name in _columns(table):
-            history = get_history(obj, name)
+            # Never load an expired attribute here: what was not loaded was not changed through this object.
+            history = get_history(obj, name, passive=PASSIVE_NO_INITIALIZE)
             if not history.has_changes():
                 continue
             old = history.deleted[0] if history.deleted else None
@@ -227,17 +251,8 @@ def _collect(session: Session, obj: Any, verb_index: int) -> None:
         if not after:
             return
         changes = {"before": before, "after": after}
-    verb = spec.verbs[verb_index]
-    action = f"{spec.entity}.{verb}" if verb in ("created", "updated", "deleted") else verb
-    acting = session.info.get("audit_actor") or context.current()
-    actor_id, actor_kind = acting.actor_id, acting.actor_kind
-    if actor_id is None and table.name == "web_session":
-        actor_id, actor_kind = obj.user_id, "user"  # a sign-in acts for the user it signs in
-    session.info.setdefault(PENDING, []).append(_Pending(
-        at=utcnow(), actor_id=actor_id, actor_kind=actor_kind, client_ip=acting.client_ip, action=action,
-        table=table.name, entity_type=spec.entity, entity_id=_entity_id(obj, table), anchor=spec.anchor(obj),
-        changes=changes, transaction=session.get_transaction(),
-    ))
+    _append(session, table, spec, verb_index, _entity_id(obj, table), spec.anchor(obj), changes,
+            owner_id=getattr(obj, "user_id", None))
 
 
 def _after_flush(session: Session, flush_context: Any) -> None:
@@ -248,6 +263,59 @@ def _after_flush(session: Session, flush_context: Any) -> None:
             _collect(session, obj, 1)
     for obj in session.deleted:
         _collect(session, obj, 2)
+
+
+def _rows_by_key(session: Session, table: Table, criteria: Any, *, lock: bool = False
+                 ) -> dict[tuple[Any, ...], dict[str, Any]]:
+    key = list(table.primary_key.columns)
+    query = select(table).where(criteria)
+    if lock:
+        # PostgreSQL: hold the rows from this read to the statement, so the "after" read shows this statement's
+        # change and not a concurrent one's (SQLite writers are serialised already; it has no FOR UPDATE).
+        query = query.with_for_update()
+    rows = session.execute(query).mappings()
+    return {tuple(row[c.key] for c in key): dict(row) for row in rows}
+
+
+def _bulk_statement(state: ORMExecuteState) -> Any:
+    """UPDATE and DELETE statements (guarded balance updates, compare-and-set steps, clean-ups) bypass the flush:
+    read the rows they touch before and after, and log each row that changed like a flushed object."""
+    if not (state.is_update or state.is_delete):
+        return None
+    table = getattr(state.statement, "table", None)
+    spec = AUDITED.get(table.name) if isinstance(table, Table) else None
+    if spec is None or table is None:
+        return None
+    # The plain table: selecting the ORM-annotated one would load entities instead of rows.
+    table = _table(table.name)
+    session = state.session
+    criteria = getattr(state.statement, "whereclause", None)
+    before = _rows_by_key(session, table, criteria if criteria is not None else true(), lock=True)
+    result = state.invoke_statement()
+    if not before:
+        return result
+    key = list(table.primary_key.columns)
+    match: Any
+    if len(key) == 1:
+        match = key[0].in_([k[0] for k in before])
+    else:
+        match = or_(*(and_(*(c == v for c, v in zip(key, k, strict=True))) for k in before))
+    after = _rows_by_key(session, table, match) if state.is_update else {}
+    for row_key, old in before.items():
+        new = after.get(row_key)
+        if new is None:
+            changes = {"before": {n: _recorded(table.name, n, old[n]) for n in _columns(table) if n in old}}
+            verb_index = 2
+        else:
+            changed = [n for n in _columns(table) if old.get(n) != new.get(n)]
+            if not changed:
+                continue
+            changes = {"before": {n: _recorded(table.name, n, old[n]) for n in changed},
+                       "after": {n: _recorded(table.name, n, new[n]) for n in changed}}
+            verb_index = 1
+        _append(session, table, spec, verb_index, "/".join(str(_plain(v)) for v in row_key),
+                spec.anchor(SimpleNamespace(**old)), changes, owner_id=old.get("user_id"))
+    return result
 
 
 def _table(name: str) -> Table:
@@ -315,6 +383,12 @@ def _take_head(session: Session, count: int) -> tuple[int, str]:
 
 
 def _before_commit(session: Session) -> None:
+    if session.in_nested_transaction():
+        # SQLAlchemy fires before_commit for a SAVEPOINT's release too. Appending there would take the head's row
+        # lock in the middle of the request and hold it to the end: a booking (its savepoint, then the account's
+        # row lock) and a charge (the account's lock, then the head at commit) deadlocked on PostgreSQL. The
+        # entries wait for the outermost commit, which runs after every savepoint is closed.
+        return
     session.flush()
     pending: list[_Pending] = session.info.pop(PENDING, [])
     if not pending:
@@ -354,11 +428,14 @@ def _within(transaction: Any, ancestor: Any) -> bool:
 
 def _soft_rollback(session: Session, previous_transaction: Any) -> None:
     pending = session.info.get(PENDING)
-    if not pending:
-        return
-    if previous_transaction.nested:
+    if pending and previous_transaction.nested:
         session.info[PENDING] = [item for item in pending if not _within(item.transaction, previous_transaction)]
-    else:
+
+
+def _transaction_end(session: Session, transaction: Any) -> None:
+    # The outermost transaction ended: by commit (its entries were written), by rollback, or by close() or
+    # reset() without either; in no case may its entries carry over to the session's next transaction.
+    if transaction.parent is None:
         session.info.pop(PENDING, None)
 
 
@@ -368,3 +445,5 @@ def register() -> None:
         event.listen(Session, "after_flush", _after_flush)
         event.listen(Session, "before_commit", _before_commit)
         event.listen(Session, "after_soft_rollback", _soft_rollback)
+        event.listen(Session, "after_transaction_end", _transaction_end)
+        event.listen(Session, "do_orm_execute", _bulk_statement)

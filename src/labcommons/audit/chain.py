@@ -53,7 +53,8 @@ def hash_of(key: bytes, entry: AuditEntry) -> str:
 @dataclass
 class Problem:
     seq: int | None
-    kind: str  # "changed", "missing", "unlinked", "head_mismatch"
+    # "changed", "missing", "unlinked", "head_mismatch", "anchor_mismatch", "anchor_missing"
+    kind: str
     detail: str
 
 
@@ -81,10 +82,14 @@ def _entries(session: Session, batch: int) -> Iterator[AuditEntry]:
         session.expunge_all()
 
 
-def verify(session: Session, *, batch: int = 5000, max_problems: int = 100,
-           progress: Any = None) -> VerifyReport:
-    """Walk the whole chain and report every entry whose hash, link or position is wrong."""
+def verify(session: Session, *, anchors: list[tuple[int, str]] | None = None, batch: int = 5000,
+           max_problems: int = 100, progress: Any = None) -> VerifyReport:
+    """Walk the whole chain and report every entry whose hash, link or position is wrong.
+
+    `anchors` are (seq, hash) pairs published earlier: each must still be in the chain, which catches a tail cut
+    off together with the head, or a chain rewritten by someone holding the key."""
     key = audit_key()
+    expected_anchor = dict(anchors or [])
     report = VerifyReport()
     expected_seq, prev = 1, GENESIS
 
@@ -99,11 +104,15 @@ def verify(session: Session, *, batch: int = 5000, max_problems: int = 100,
             problem(entry.seq, "unlinked", "its previous hash is not the hash of the entry before it")
         if not hmac.compare_digest(hash_of(key, entry), entry.hash):
             problem(entry.seq, "changed", "its content does not match its hash")
+        if entry.seq in expected_anchor and expected_anchor.pop(entry.seq) != entry.hash:
+            problem(entry.seq, "anchor_mismatch", "its hash differs from the published anchor")
         prev, expected_seq = entry.hash, entry.seq + 1
         report.entries += 1
         report.last_seq, report.last_hash = entry.seq, entry.hash
         if progress is not None:
             progress(1)
+    for seq in sorted(expected_anchor):
+        problem(seq, "anchor_missing", "the published anchor's entry is not in the chain")
     head = session.get(AuditHead, HEAD_ID)
     head_seq, head_hash = (head.seq, head.hash) if head else (0, GENESIS)
     if (head_seq, head_hash) != (report.last_seq, report.last_hash):

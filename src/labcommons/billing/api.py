@@ -11,7 +11,6 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
-from pydantic import AwareDatetime
 from sqlalchemy.orm import Session
 
 from labcommons.actor import Actor
@@ -58,7 +57,7 @@ from labcommons.booking.models import QualificationLevel
 from labcommons.catalog import service as catalog
 from labcommons.db import MAX_ID, utcnow
 from labcommons.errors import Forbidden, InvalidInput, NotFound
-from labcommons.http import Db, Id, IdempotencyKey, idempotent_post, require_role_for, require_scope
+from labcommons.http import Day, Db, Id, IdempotencyKey, Instant, idempotent_post, link, require_role_for, require_scope
 from labcommons.idempotency import Outcome
 from labcommons.identity import roles
 from labcommons.identity import service as identity
@@ -146,7 +145,7 @@ def put_policy(facility_id: Id, body: BillingPolicyUpdate, actor: RatesWriter, d
 
 
 @router.get("/facilities/{facility_id}/rates", response_model=RateList, responses=ERRORS)
-def facility_rates(facility_id: Id, db: Db, on: date | None = None) -> RateList:
+def facility_rates(facility_id: Id, db: Db, on: Day | None = None) -> RateList:
     """Every rate of the facility's instruments and services, past and future; with `on`, those in force that
     day (public)."""
     with db.unit_of_work(write=False) as session:
@@ -186,7 +185,7 @@ def service_rates(service_id: Id, db: Db) -> RateList:
 
 @router.get("/instruments/{instrument_id}/price", response_model=PriceRead, responses=ERRORS)
 def instrument_price(
-    instrument_id: Id, actor: Reader, db: Db, starts_at: AwareDatetime, ends_at: AwareDatetime,
+    instrument_id: Id, actor: Reader, db: Db, starts_at: Instant, ends_at: Instant,
     account_id: Annotated[int | None, Query(gt=0, le=MAX_ID)] = None,
 ) -> PriceRead:
     """What booking [starts_at, ends_at) would cost the caller on an account (their only one when omitted):
@@ -217,7 +216,16 @@ def instrument_price(
 # --- accounts -------------------------------------------------------------------------------------------------
 
 
-@router.post("/accounts", status_code=201, response_model=AccountRead, responses=ERRORS)
+@router.post("/accounts", status_code=201, response_model=AccountRead, responses={**ERRORS, 201: {
+    "description": "The account",
+    # OpenAPI links: what a client (and the stateful fuzzer) can do next with the account it opened.
+    "links": {
+        "GetAccount": link("get_account_api_v1_billing_accounts__account_id__get", account_id="id"),
+        "UpdateAccount": link("update_account_api_v1_billing_accounts__account_id__patch", account_id="id"),
+        "AddMember": link("add_member_api_v1_billing_accounts__account_id__members_post", account_id="id"),
+        "RecordDeposit": link("record_deposit_api_v1_billing_accounts__account_id__deposits_post", account_id="id"),
+        "AccountSummary": link("account_summary_api_v1_billing_accounts__account_id__summary_get", account_id="id"),
+    }}})
 def create_account(body: AccountCreate, request: Request, actor: Writer, db: Db,
                    idempotency_key: IdempotencyKey = None) -> JSONResponse:
     """Open a funding account owned by the caller, who becomes its first member."""

@@ -21,7 +21,7 @@ from labcommons.billing.invoices import InvoiceView, LineView
 from labcommons.billing.models import Invoice, InvoiceStatus
 from labcommons.billing.settlement import SettlementReport, SettlementRow, settlement_report
 from labcommons.db import MAX_ID, Database
-from labcommons.http import Db, Id, IdempotencyKey, idempotent_post, require_role_for, require_scope
+from labcommons.http import Day, Db, Id, IdempotencyKey, idempotent_post, require_role_for, require_scope
 from labcommons.idempotency import Outcome
 from labcommons.identity.roles import Action
 
@@ -255,8 +255,8 @@ def download_statement(account_id: Id, period: Annotated[str, Path(max_length=7)
     200: {"description": "One row per payment part of each charge", "content": {exports.CSV_TYPE: {}}}, **ERRORS})
 def export_charges(
     actor: Reader, db: Db,
-    first: Annotated[date, Query(alias="from", description="First day (platform time zone)")],
-    last: Annotated[date, Query(alias="to", description="Last day, included")],
+    first: Annotated[Day, Query(alias="from", description="First day (platform time zone)")],
+    last: Annotated[Day, Query(alias="to", description="Last day, included")],
     account_id: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
     facility_id: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
     institution_id: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,

@@ -33,6 +33,7 @@ from labcommons.billing.models import (
 )
 from labcommons.billing.rates import MAX_RATE_FEN
 from labcommons.db import MAX_ID
+from labcommons.http import Day
 
 DbId = Annotated[StrictInt, Field(gt=0, le=MAX_ID)]
 Fen = Annotated[StrictInt, Field(ge=0, le=MAX_AMOUNT_FEN)]
@@ -57,7 +58,7 @@ class RateCreate(_Input):
     assisted: StrictBool = False
     unit: RateUnit
     amount_fen: Annotated[StrictInt, Field(ge=0, le=MAX_RATE_FEN)]
-    effective_from: date
+    effective_from: Day
 
 
 class RateRead(BaseModel):
@@ -157,7 +158,7 @@ class AccountCreate(_Input):
     kind: AccountKind = AccountKind.grant
     prepaid: StrictBool = False
     limit_fen: Fen | None = None
-    valid_until: date | None = None
+    valid_until: Day | None = None
     institution_id: DbId | None = None
     owner_id: DbId | None = None
 
@@ -167,7 +168,7 @@ class AccountUpdate(_Input):
 
     name: str | None = Field(default=None, min_length=1, max_length=200)
     limit_fen: Fen | None = None
-    valid_until: date | None = None
+    valid_until: Day | None = None
     status: AccountStatus | None = None
 
 
@@ -312,8 +313,8 @@ class VoucherCreate(_Input):
     issuer_region_code: RegionCode
     account_id: DbId
     amount_fen: PositiveFen
-    valid_from: date
-    valid_until: date
+    valid_from: Day
+    valid_until: Day
     share_bp: Annotated[StrictInt, Field(ge=1, le=10000)] = 5000
     name: str = Field(default="", max_length=200)
     eligible_kinds: list[Annotated[str, Field(max_length=20)]] = Field(default_factory=list, max_length=10)
@@ -489,6 +490,6 @@ class ManualChargeCreate(_Input):
     user_email: str = Field(min_length=3, max_length=320)
     description: str = Field(min_length=1, max_length=300)
     amount_fen: PositiveFen
-    service_date: date
+    service_date: Day
     item_kind: str = Field(default="consultation", max_length=20)
     note: str = Field(default="", max_length=2000)

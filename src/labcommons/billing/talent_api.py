@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from labcommons.actor import Actor
 from labcommons.billing import talent
 from labcommons.billing.models import CardStatus, EntitlementKind, TalentCard, TalentCardScheme, TalentEntitlement
-from labcommons.http import Db, Id, IdempotencyKey, idempotent_post, require_role_for, require_scope
+from labcommons.http import Day, Db, Id, IdempotencyKey, idempotent_post, require_role_for, require_scope
 from labcommons.idempotency import Outcome
 from labcommons.identity.roles import Action
 
@@ -85,7 +85,7 @@ class CardCreate(BaseModel):
     scheme_code: str = Field(min_length=1, max_length=32)
     card_number: str = Field(min_length=1, max_length=40)
     holder_name: str = Field(min_length=1, max_length=200)
-    valid_until: date | None = None
+    valid_until: Day | None = None
 
 
 class CardRead(BaseModel):

@@ -7,7 +7,6 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import JSONResponse
-from pydantic import AwareDatetime
 from sqlalchemy.orm import Session
 
 from labcommons.actor import Actor
@@ -16,7 +15,7 @@ from labcommons.booking.models import BookingStatus
 from labcommons.booking.schemas import AvailabilityRead, BookingCreate, BookingPage, BookingRead, SlotList, SlotRead
 from labcommons.catalog.service import InstrumentQuery
 from labcommons.db import Database, utcnow
-from labcommons.http import get_db, idempotent_post, require_scope
+from labcommons.http import Id, Instant, get_db, idempotent_post, link, require_scope
 from labcommons.idempotency import Outcome
 
 router = APIRouter(tags=["booking"])
@@ -28,14 +27,19 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     409: {"description": "Conflicts with the current state, e.g. overlapping_booking"},
     422: {"description": "Invalid input; `field` names it"},
 }
+# OpenAPI links: what a client (and the stateful fuzzer) can do next with the booking it made.
+BOOKING_LINKS = {
+    "GetBooking": link("get_booking_api_v1_bookings__booking_id__get", booking_id="id"),
+    "CancelBooking": link("cancel_booking_api_v1_bookings__booking_id__cancel_post", booking_id="id"),
+}
 
 
 @router.get("/instruments/{instrument_id}/availability", response_model=AvailabilityRead, responses=ERRORS)
 def instrument_availability(
-    instrument_id: int,
+    instrument_id: Id,
     db: Annotated[Database, Depends(get_db)],
-    from_: Annotated[AwareDatetime, Query(alias="from")],
-    to: AwareDatetime,
+    from_: Annotated[Instant, Query(alias="from")],
+    to: Instant,
 ) -> AvailabilityRead:
     """Free and busy intervals of one instrument in [from, to) (at most 62 days)."""
     with db.unit_of_work(write=False) as session:
@@ -50,7 +54,7 @@ def earliest_slot(
     category: Annotated[str | None, Query(max_length=32)] = None,
     region: Annotated[str | None, Query(max_length=16)] = None,
     institution: Annotated[str | None, Query(max_length=40)] = None,
-    after: AwareDatetime | None = None,
+    after: Instant | None = None,
     limit: Annotated[int, Query(ge=1, le=20)] = 5,
 ) -> SlotList:
     """The earliest free slots of the given length after a time, one per matching instrument, soonest first."""
@@ -61,7 +65,8 @@ def earliest_slot(
         return SlotList(items=[SlotRead.of(s) for s in slots])
 
 
-@router.post("/bookings", status_code=201, response_model=BookingRead, responses=ERRORS)
+@router.post("/bookings", status_code=201, response_model=BookingRead,
+             responses={**ERRORS, 201: {"description": "The booking", "links": BOOKING_LINKS}})
 def create_booking(
     body: BookingCreate,
     request: Request,
@@ -100,7 +105,7 @@ def list_my_bookings(
 
 @router.get("/bookings/{booking_id}", response_model=BookingRead, responses=ERRORS)
 def get_booking(
-    booking_id: int,
+    booking_id: Id,
     actor: Annotated[Actor, Depends(require_scope("bookings:read"))],
     db: Annotated[Database, Depends(get_db)],
 ) -> BookingRead:
@@ -111,7 +116,7 @@ def get_booking(
 
 @router.post("/bookings/{booking_id}/cancel", response_model=BookingRead, responses=ERRORS)
 def cancel_booking(
-    booking_id: int,
+    booking_id: Id,
     request: Request,
     actor: Annotated[Actor, Depends(require_scope("bookings:write"))],
     db: Annotated[Database, Depends(get_db)],

@@ -7,14 +7,14 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import JSONResponse
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from labcommons.actor import Actor
 from labcommons.booking import maintenance, recurrence, waitlist
 from labcommons.booking.models import Booking, WaitlistEntry, WaitlistStatus
 from labcommons.booking.schemas import BookingRead
 from labcommons.db import MAX_ID, Database
-from labcommons.http import get_db, require_scope
+from labcommons.http import Id, Instant, get_db, link, require_scope
 
 router = APIRouter(tags=["booking"])
 
@@ -33,8 +33,8 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 class MaintenanceCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    starts_at: AwareDatetime
-    ends_at: AwareDatetime
+    starts_at: Instant
+    ends_at: Instant
     reason: str = Field(min_length=1, max_length=2000)
     confirm: bool = False
 
@@ -72,7 +72,7 @@ class MaintenanceList(BaseModel):
 
 @router.get("/instruments/{instrument_id}/maintenance", response_model=MaintenanceList, responses=ERRORS)
 def list_maintenance(
-    instrument_id: int,
+    instrument_id: Id,
     actor: Annotated[Actor, Depends(require_scope("admin"))],
     db: Annotated[Database, Depends(get_db)],
 ) -> MaintenanceList:
@@ -85,7 +85,7 @@ def list_maintenance(
 @router.post("/instruments/{instrument_id}/maintenance", status_code=201, response_model=MaintenanceCreated,
              responses=ERRORS)
 def create_maintenance(
-    instrument_id: int,
+    instrument_id: Id,
     body: MaintenanceCreate,
     actor: Annotated[Actor, Depends(require_scope("admin"))],
     db: Annotated[Database, Depends(get_db)],
@@ -106,8 +106,8 @@ def create_maintenance(
 @router.delete("/instruments/{instrument_id}/maintenance/{block_id}", response_model=MaintenanceRead,
                responses=ERRORS)
 def delete_maintenance(
-    instrument_id: int,
-    block_id: int,
+    instrument_id: Id,
+    block_id: Id,
     actor: Annotated[Actor, Depends(require_scope("admin"))],
     db: Annotated[Database, Depends(get_db)],
 ) -> MaintenanceRead:
@@ -122,8 +122,8 @@ def delete_maintenance(
 class SeriesCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    instrument_id: int = Field(gt=0)
-    first_starts_at: AwareDatetime
+    instrument_id: int = Field(gt=0, le=MAX_ID)
+    first_starts_at: Instant
     duration_minutes: int = Field(gt=0, le=44640)
     rrule: str = Field(min_length=1, max_length=500, examples=["FREQ=WEEKLY;COUNT=8"])
     purpose: str = Field(default="", max_length=2000)
@@ -158,7 +158,10 @@ class SeriesRead(BaseModel):
         )
 
 
-@router.post("/bookings/series", status_code=201, response_model=SeriesRead, responses=ERRORS)
+@router.post("/bookings/series", status_code=201, response_model=SeriesRead, responses={**ERRORS, 201: {
+    "description": "The series and its occurrences",
+    "links": {"CancelSeries": link("cancel_series_api_v1_bookings_series__series_id__cancel_post",
+                                   series_id="series_id")}}})
 def create_series(
     body: SeriesCreate,
     actor: Annotated[Actor, Depends(require_scope("bookings:write"))],
@@ -202,7 +205,7 @@ class SeriesCancelRead(BaseModel):
 
 @router.post("/bookings/series/{series_id}/cancel", response_model=SeriesCancelRead, responses=ERRORS)
 def cancel_series(
-    series_id: int,
+    series_id: Id,
     actor: Annotated[Actor, Depends(require_scope("bookings:write"))],
     db: Annotated[Database, Depends(get_db)],
 ) -> SeriesCancelRead:
@@ -224,9 +227,9 @@ def cancel_series(
 class WaitlistCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    instrument_id: int = Field(gt=0)
-    starts_at: AwareDatetime
-    ends_at: AwareDatetime
+    instrument_id: int = Field(gt=0, le=MAX_ID)
+    starts_at: Instant
+    ends_at: Instant
     purpose: str = Field(default="", max_length=2000)
 
 
@@ -277,7 +280,7 @@ def list_waitlist(
 
 @router.post("/waitlist/{entry_id}/accept", status_code=201, response_model=BookingRead, responses=ERRORS)
 def accept_offer(
-    entry_id: int,
+    entry_id: Id,
     actor: Annotated[Actor, Depends(require_scope("bookings:write"))],
     db: Annotated[Database, Depends(get_db)],
     account_id: Annotated[int | None, Query(gt=0, le=MAX_ID, description="Funding account to charge")] = None,
@@ -289,7 +292,7 @@ def accept_offer(
 
 @router.delete("/waitlist/{entry_id}", response_model=WaitlistRead, responses=ERRORS)
 def withdraw_entry(
-    entry_id: int,
+    entry_id: Id,
     actor: Annotated[Actor, Depends(require_scope("bookings:write"))],
     db: Annotated[Database, Depends(get_db)],
 ) -> WaitlistRead:

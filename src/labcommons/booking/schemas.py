@@ -4,20 +4,21 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from labcommons.booking.models import Booking, BookingStatus
 from labcommons.booking.service import Availability, Slot
 from labcommons.catalog.schemas import InstrumentSummary
 from labcommons.db import MAX_ID
+from labcommons.http import Instant
 
 
 class BookingCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    instrument_id: int = Field(gt=0)
-    starts_at: AwareDatetime
-    ends_at: AwareDatetime
+    instrument_id: int = Field(gt=0, le=MAX_ID)
+    starts_at: Instant
+    ends_at: Instant
     purpose: str = Field(default="", max_length=2000)
     # The funding account to charge when the facility charges; omitted: the caller's only account.
     account_id: int | None = Field(default=None, gt=0, le=MAX_ID)

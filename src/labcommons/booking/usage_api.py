@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from labcommons.booking import usage
 from labcommons.booking.models import Booking, InstrumentToken
-from labcommons.db import Database, utcnow
+from labcommons.db import MAX_ID, Database, utcnow
 from labcommons.errors import InvalidInput, Unauthenticated
 from labcommons.http import get_db
 from labcommons.identity import service as identity
@@ -30,7 +30,7 @@ class UsageRequest(BaseModel):
     """Who is at the instrument: a user's e-mail (their current booking is found) or a booking id."""
 
     user_email: Annotated[str | None, Field(max_length=254)] = None
-    booking_id: int | None = None
+    booking_id: int | None = Field(default=None, gt=0, le=MAX_ID)
 
 
 class UsageRead(BaseModel):

@@ -6,7 +6,6 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import JSONResponse
-from pydantic import AwareDatetime
 from sqlalchemy.orm import Session
 
 from labcommons.actor import Actor
@@ -25,7 +24,7 @@ from labcommons.catalog.schemas import (
     ServiceUpdate,
 )
 from labcommons.db import Database
-from labcommons.http import Id, get_db, idempotent_post, require_scope
+from labcommons.http import Id, Instant, get_db, idempotent_post, require_scope
 from labcommons.idempotency import Outcome
 
 router = APIRouter(tags=["catalogue"])
@@ -50,8 +49,8 @@ def search_instruments(
     ] = None,
     institution: Annotated[str | None, Query(max_length=40, description="An institution code")] = None,
     status: InstrumentStatus | None = None,
-    free_from: AwareDatetime | None = None,
-    free_to: AwareDatetime | None = None,
+    free_from: Instant | None = None,
+    free_to: Instant | None = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     cursor: Annotated[str | None, Query(max_length=500)] = None,
     facets: Annotated[bool, Query(description="Include facet counts")] = False,

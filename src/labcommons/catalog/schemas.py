@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from labcommons.catalog.models import Instrument, InstrumentStatus, OpenTo, PriceUnit, Service, ServiceKind
 from labcommons.catalog.service import MAX_PRICE_FEN, MAX_TURNAROUND_DAYS, ServiceDetail
 from labcommons.db import MAX_ID
+from labcommons.http import Day
 
 
 class Named(BaseModel):
@@ -179,7 +180,7 @@ class AccreditationIn(BaseModel):
 
     scheme: str = Field(min_length=1, max_length=20, description="CMA, CNAS, …")
     certificate_no: str = Field(default="", max_length=80)
-    valid_until: date | None = None
+    valid_until: Day | None = None
 
 
 class ServiceCreate(BaseModel):

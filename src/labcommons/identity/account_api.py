@@ -6,13 +6,13 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from labcommons.actor import Actor
 from labcommons.catalog.schemas import Named
 from labcommons.db import Database, utcnow
 from labcommons.errors import InvalidInput
-from labcommons.http import InsufficientScope, get_db, require_scope
+from labcommons.http import Id, Instant, InsufficientScope, get_db, require_scope
 from labcommons.identity import roles, service
 from labcommons.identity.models import ApiToken
 
@@ -62,7 +62,7 @@ class TokenCreate(BaseModel):
 
     name: str = Field(min_length=1, max_length=100)
     scopes: list[str] = Field(description="Some of: " + ", ".join(roles.SCOPES))
-    expires_at: AwareDatetime | None = Field(
+    expires_at: Instant | None = Field(
         default=None,
         description="At most a year ahead and, when a token creates it, no later than that token's own expiry; "
                     "default 90 days (or the calling token's expiry if that is sooner)",
@@ -138,7 +138,7 @@ def create_token(
 
 @router.delete("/tokens/{token_id}", status_code=204, responses=ERRORS)
 def revoke_token(
-    token_id: int,
+    token_id: Id,
     actor: Annotated[Actor, Depends(require_scope("account"))],
     db: Annotated[Database, Depends(get_db)],
 ) -> None:

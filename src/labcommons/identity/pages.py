@@ -59,9 +59,11 @@ def login_page(request: Request, status_code: int = 200, **context: object) -> R
 
 
 def _client_address(request: Request) -> str:
-    # The peer address; a deployment behind a proxy must make the server report the real client (uvicorn
-    # --proxy-headers with --forwarded-allow-ips), or every user shares the proxy's budget.
-    return request.client.host if request.client else "unknown"
+    # The peer address, or behind a trusted proxy (trust_proxy_headers, or uvicorn --proxy-headers) the client it
+    # names: otherwise every user would share the proxy's budget, and one guesser would lock all of them out.
+    from labcommons.security.middleware import client_address
+
+    return client_address(request, get_settings()) or "unknown"
 
 
 def _require_local_login() -> None:

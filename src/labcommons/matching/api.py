@@ -24,6 +24,7 @@ from labcommons.http import (
     api_actor,
     has_scope,
     idempotent_post,
+    link,
     page_actor,
     require_role_for,
     require_scope,
@@ -135,7 +136,14 @@ def status(db: Db) -> MatchingStatus:
 # --- demands ----------------------------------------------------------------------------------------------------
 
 
-@router.post("/demands", status_code=201, response_model=DemandDetail, responses=ERRORS)
+@router.post("/demands", status_code=201, response_model=DemandDetail, responses={**ERRORS, 201: {
+    "description": "The demand and its matches",
+    # OpenAPI links: what a client (and the stateful fuzzer) can do next with the demand it posted.
+    "links": {
+        "GetDemand": link("get_demand_api_v1_demands__demand_id__get", demand_id="id"),
+        "CloseDemand": link("close_demand_api_v1_demands__demand_id__close_post", demand_id="id"),
+        "MakeOffer": link("make_offer_api_v1_demands__demand_id__offers_post", demand_id="id"),
+    }}})
 def post_demand(body: DemandCreate, request: Request, actor: Writer, db: Db,
                 idempotency_key: IdempotencyKey = None) -> JSONResponse:
     """Save a demand with its matches; subscribed facilities that match it are told (and may answer) unless

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 from labcommons.db import MAX_ID
+from labcommons.http import Day
 from labcommons.matching import demands, experts
 from labcommons.matching.models import Availability, Demand, DemandStatus, Expert, ItemKind, OfferStatus
 from labcommons.matching.service import MAX_LIMIT, MAX_TEXT
@@ -79,7 +80,7 @@ class DemandCreate(_Input):
 
     text: DemandText
     budget_fen: Fen | None = None
-    deadline: date | None = None
+    deadline: Day | None = None
     region: RegionCode | None = None
     sample_type: Annotated[Text, Field(max_length=demands.MAX_SAMPLE_TYPE)] = ""
     share_with_providers: StrictBool = True
@@ -190,7 +191,7 @@ class OfferCreate(_Input):
     service_id: DbId
     message: Annotated[Text, Field(max_length=demands.MAX_MESSAGE)]
     price_fen: Fen | None = None
-    available_from: date | None = None
+    available_from: Day | None = None
     expert_id: DbId | None = None
 
 

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.orm import Session
 
 from labcommons.actor import Actor
-from labcommons.http import Db, Id, IdempotencyKey, idempotent_post, require_role_for, require_scope
+from labcommons.http import Db, Id, IdempotencyKey, idempotent_post, link, require_role_for, require_scope
 from labcommons.idempotency import Outcome
 from labcommons.identity.roles import Action
 from labcommons.orders import messages, quotes, ratings, service
@@ -48,6 +48,24 @@ ERRORS: dict[int | str, dict[str, Any]] = {
                          "`order_changed`, `quote_expired`, `quote_not_offered`, `already_rated`"},
     422: {"description": "Invalid input; `field` names it and `error` the rule"},
 }
+# OpenAPI links: what a client (and the stateful fuzzer) can do next with an order it made, and with a quote.
+ORDER_LINKS = {
+    "GetOrder": link("get_order_api_v1_orders__order_id__get", order_id="id"),
+    "MoveOrder": link("transition_api_v1_orders__order_id__transitions_post", order_id="id"),
+    "ListEvents": link("list_events_api_v1_orders__order_id__events_get", order_id="id"),
+    "IssueQuote": link("issue_quote_api_v1_orders__order_id__quotes_post", order_id="id"),
+    "ListQuotes": link("list_quotes_api_v1_orders__order_id__quotes_get", order_id="id"),
+    "PostMessage": link("post_message_api_v1_orders__order_id__messages_post", order_id="id"),
+    "ListMessages": link("list_messages_api_v1_orders__order_id__messages_get", order_id="id"),
+    "RegisterSamples": link("register_samples_api_v1_orders__order_id__samples_post", order_id="id"),
+    "ListResults": link("list_order_results_api_v1_orders__order_id__results_get", order_id="id"),
+}
+QUOTE_LINKS = {
+    "AcceptQuote": link("accept_quote_api_v1_orders__order_id__quotes__quote_id__accept_post",
+                        order_id="$request.path.order_id", quote_id="id"),
+    "DeclineQuote": link("decline_quote_api_v1_orders__order_id__quotes__quote_id__decline_post",
+                         order_id="$request.path.order_id", quote_id="id"),
+}
 Reader = Annotated[Actor, Depends(require_scope("orders:read"))]
 Writer = Annotated[Actor, Depends(require_scope("orders:write"))]
 
@@ -80,7 +98,8 @@ def _detail_of(session: Session, actor: Actor, order_id: int) -> dict[str, Any]:
 # --- orders ---------------------------------------------------------------------------------------------------
 
 
-@router.post("/orders", status_code=201, response_model=OrderDetail, responses=ERRORS)
+@router.post("/orders", status_code=201, response_model=OrderDetail,
+             responses={**ERRORS, 201: {"description": "The order", "links": ORDER_LINKS}})
 def create_order(body: OrderCreate, request: Request, actor: Writer, db: Db,
                  idempotency_key: IdempotencyKey = None) -> JSONResponse:
     """Order a service: a draft, or submitted at once with `submit: true` (a fixed-price service is then quoted
@@ -165,7 +184,8 @@ def list_quotes(order_id: Id, actor: Reader, db: Db) -> QuoteList:
         return QuoteList(items=[QuoteRead.of(q) for q in quotes.list_quotes(session, actor, order_id)])
 
 
-@router.post("/orders/{order_id}/quotes", status_code=201, response_model=QuoteRead, responses=ERRORS)
+@router.post("/orders/{order_id}/quotes", status_code=201, response_model=QuoteRead,
+             responses={**ERRORS, 201: {"description": "The quote", "links": QUOTE_LINKS}})
 def issue_quote(order_id: Id, body: QuoteCreate, request: Request, actor: StaffWriter, db: Db,
                 idempotency_key: IdempotencyKey = None) -> JSONResponse:
     """Offer a quote (facility staff) for a submitted order, or a new version replacing the one on offer."""

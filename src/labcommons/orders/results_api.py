@@ -183,7 +183,8 @@ def list_order_results(order_id: Id, actor: Reader, db: Annotated[Database, Depe
 
 @router.get(
     "/orders/{order_id}/results/{file_id}", responses={
-        200: {"description": "The file's bytes", "content": {"application/octet-stream": {}}}, **ERRORS},
+        200: {"description": "The file's bytes, in the media type they were uploaded with",
+              "content": {"*/*": {"schema": {"type": "string", "format": "binary"}}}}, **ERRORS},
     response_class=StreamingResponse,
 )
 def download_result(order_id: Id, file_id: Id, request: Request, actor: Reader,

@@ -8,6 +8,7 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from labcommons.db import MAX_ID
+from labcommons.http import Day
 from labcommons.orders import quotes as quote_rules
 from labcommons.orders.messages import MAX_LENGTH as MESSAGE_MAX
 from labcommons.orders.messages import MessageView
@@ -34,7 +35,7 @@ class OrderCreate(BaseModel):
     description: str = Field(default="", max_length=20000)
     sample_count: StrictInt = Field(default=0, ge=0, le=10000)
     sample_description: str = Field(default="", max_length=5000)
-    wanted_by: date | None = None
+    wanted_by: Day | None = None
     contact_phone: str = Field(default="", max_length=40)
     submit: bool = False
     # The funding account to charge when the facility charges; omitted: the caller's only account.
@@ -106,7 +107,7 @@ class QuoteCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     lines: list[QuoteLineCreate] = Field(min_length=1, max_length=quote_rules.MAX_LINES)
-    valid_until: date
+    valid_until: Day
     note: str = Field(default="", max_length=quote_rules.MAX_NOTE)
     expected_version: int | None = Field(default=None, ge=1)
 
