@@ -182,4 +182,8 @@ def create_app(
     # Outermost, around Starlette's error middleware too: size limits, rate limits and security headers apply to
     # every response, errors included.
     install_security(app, settings)
+    from labcommons.ops.observability import install_observability
+
+    # Outermost of all: the request id and the latency histogram cover the security layer's answers too.
+    install_observability(app, settings)
     return app

@@ -58,6 +58,10 @@ class Settings(BaseSettings):
     job_retry_max_seconds: float = 3600.0
     # A job running longer than this is taken to have lost its worker and is queued again.
     job_stale_minutes: int = 15
+    # Workers record a heartbeat this often; a running job whose worker has been silent for job_worker_dead_seconds
+    # (crashed, killed, host lost) is queued again at once instead of after job_stale_minutes.
+    job_heartbeat_seconds: float = 5.0
+    job_worker_dead_seconds: float = 30.0
 
     # The platform as OpenID Connect provider.
     oidc_code_lifetime_seconds: int = 60
@@ -98,6 +102,15 @@ class Settings(BaseSettings):
     # The audit log's chain is an HMAC under this key (empty: derived from secret_key), so whoever can write to
     # the database but does not hold the key cannot rewrite the chain unnoticed.
     audit_key: str = ""
+
+    # Operations. Logs are one JSON object per line ("json", for collectors) or plain text ("text"); every
+    # request gets an id (X-Request-ID, taken from a trusted proxy or made up) that its log lines carry.
+    log_format: Literal["text", "json"] = "text"
+    log_level: str = "INFO"
+    # Prometheus metrics at /metrics; with several worker processes they are added up across processes through
+    # files in metrics_dir (empty: a fresh temporary directory made by `labcommons serve`).
+    metrics_enabled: bool = True
+    metrics_dir: str = ""
 
     @model_validator(mode="before")
     @classmethod
