@@ -25,7 +25,7 @@ from labcommons.identity import roles
 from labcommons.identity import service as identity
 from labcommons.identity.models import User
 from labcommons.reporting import aggregate, service
-from labcommons.reporting.models import StatDirty, StatFacilityDay, StatInstrumentDay
+from labcommons.reporting.models import StatDirty, StatFacilityDay, StatInstrumentDay, StatRegionDay
 from labcommons.synthetic import FUTURE_DAYS, PAST_DAYS
 from workloads import percentiles
 
@@ -77,7 +77,7 @@ def ensure_statistics(db: Database, key: str, info: dict[str, Any], *, force: bo
     _log(f"rebuilt in {seconds} s: {inst_rows:,} instrument-day rows, {fac_rows:,} facility-day rows")
     with db.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         # Fresh planner statistics, as after the synthetic bulk load; SQLite's ANALYZE fills sqlite_stat1.
-        for table in ("stat_instrument_day", "stat_facility_day"):
+        for table in ("stat_instrument_day", "stat_instrument_month", "stat_facility_day", "stat_region_day"):
             conn.exec_driver_sql(f"ANALYZE {table}" if db.is_sqlite else f"VACUUM (ANALYZE) {table}")
     stamp = datetime.now(UTC).isoformat()
     benchdata.remember(key, {**{k: v for k, v in info.items() if k != "reused"}, "stats_built_at": stamp,
@@ -330,6 +330,7 @@ def run(engine: str, admin_url: str, *, instruments: int, bookings: int, max_age
             out["stat_rows"] = {
                 "instrument_day": int(s.scalar(select(func.count()).select_from(StatInstrumentDay)) or 0),
                 "facility_day": int(s.scalar(select(func.count()).select_from(StatFacilityDay)) or 0),
+                "region_day": int(s.scalar(select(func.count()).select_from(StatRegionDay)) or 0),
             }
         today = platform_today()
         case_list = cases(db, info["seeded_at"], today)

@@ -25,9 +25,12 @@ sys.path.insert(0, str(HERE))
 import benchdata  # noqa: E402 - after the path set-up above
 import dashboard  # noqa: E402
 import httpbench  # noqa: E402
+import memory  # noqa: E402
+import pgceiling  # noqa: E402
 import workloads  # noqa: E402
 
-TARGETS = {"bookings_per_s": 1000.0, "booking_p99_ms": 50.0, "earliest_p95_ms": 50.0, "search_p95_ms": 30.0}
+TARGETS = {"bookings_per_s": 1500.0, "booking_p99_ms": 50.0, "earliest_p95_ms": 50.0, "search_p95_ms": 30.0,
+           "peer_ratio": 20.0}
 DEFAULT_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
 
@@ -40,8 +43,9 @@ def _env(name: str, default: Any) -> Any:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", default=_env("only", "http,earliest,search,dashboard"),
-                   help="comma-separated parts: http, earliest, search, dashboard (LC_BENCH_ONLY)")
+    p.add_argument("--only", default=_env("only", "ceiling,http,peer,earliest,search,dashboard,memory"),
+                   help="comma-separated parts: ceiling (pgbench), http, peer (Indico side by side), earliest, "
+                        "search, dashboard, memory (LC_BENCH_ONLY)")
     p.add_argument("--engines", default=_env("engines", "postgresql,sqlite"), help="LC_BENCH_ENGINES")
     p.add_argument("--admin-url", default=os.environ.get("LABCOMMONS_TEST_POSTGRES_URL", DEFAULT_ADMIN_URL))
     p.add_argument("--quick", action="store_true", default=_env("quick", False),
@@ -52,7 +56,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--http-instruments", type=int, default=_env("http_instruments", 10_000))
     p.add_argument("--http-bookings", type=int, default=_env("http_bookings", 10_000))
     p.add_argument("--http-seconds", type=int, default=_env("http_seconds", 20))
-    p.add_argument("--http-workers", type=int, default=_env("http_workers", 2))
+    p.add_argument("--http-workers", default=_env("http_workers", "1,2,4"),
+                   help="server worker processes to measure, comma-separated")
+    p.add_argument("--ceiling-seconds", type=int, default=_env("ceiling_seconds", 15))
+    p.add_argument("--peer-seconds", type=int, default=_env("peer_seconds", 20))
+    p.add_argument("--peer-workers", type=int, default=_env("peer_workers", 2))
+    p.add_argument("--race-trials", type=int, default=_env("race_trials", 50))
+    p.add_argument("--memory-seconds", type=float, default=_env("memory_seconds", 30.0))
+    p.add_argument("--memory-workers", type=int, default=_env("memory_workers", 2))
     p.add_argument("--concurrency", type=int, default=_env("concurrency", 64))
     p.add_argument("--client", choices=["wrk", "python", "both"], default=_env("client", "wrk"),
                    help="load generator; 'both' also runs the asyncio client to show which one limits")
@@ -118,22 +129,42 @@ def main(argv: list[str]) -> int:
         print(f"note: load average {os.getloadavg()[0]:.1f} before starting: other work shares the CPUs, "
               "so timings will be worse than on an idle machine")
     started = time.perf_counter()
+    results.update(ceiling=None, peer=None, memory=[])
+    if "ceiling" in parts and "postgresql" in engines:
+        print(f"== PostgreSQL's own insert rate with the exclusion constraint (pgbench, {args.concurrency} clients, "
+              f"{args.ceiling_seconds} s per run)", flush=True)
+        results["ceiling"] = pgceiling.run(admin_url=args.admin_url, seconds=args.ceiling_seconds,
+                                           clients=args.concurrency, synchronous_commits=("on",))
+        print(pgceiling.table(results["ceiling"]), flush=True)
     if "http" in parts:
         clients = ["wrk", "python"] if args.client == "both" else [args.client]
+        worker_counts = [int(w) for w in str(args.http_workers).split(",") if w.strip()]
         for engine in engines:
-            for client in clients:
-                print(f"== booking throughput: {engine}, {client}, {args.concurrency} clients, "
-                      f"{args.http_seconds} s", flush=True)
+            prepared = httpbench.prepare(engine, args.admin_url, args.http_instruments, args.http_bookings)
+            day = 62
+            for workers, client in [(w, c) for w in worker_counts for c in clients]:
+                print(f"== booking throughput: {engine}, {workers} worker(s), {client}, {args.concurrency} "
+                      f"clients, {args.http_seconds} s", flush=True)
                 r = httpbench.run(
                     engine, args.admin_url, instruments=args.http_instruments, bookings=args.http_bookings,
-                    workers=args.http_workers, concurrency=args.concurrency, seconds=args.http_seconds,
-                    client=client,
+                    workers=workers, concurrency=args.concurrency, seconds=args.http_seconds,
+                    client=client, prepared=prepared, day=day,
                 )
+                day += 2
                 results["http"].append(r)
                 print(f"  {r['bookings_per_s']} bookings/s, p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms "
                       f"(ok {r['ok']}, conflicts {r['conflict']}, other {r['other']}); CPU s: server "
                       f"{r['server_cpu_s']}, postgres {r['postgres_cpu_s']}, client {r['client_cpu_s']}, "
                       f"machine busy {r['machine_busy_pct']}%", flush=True)
+    if "peer" in parts and "postgresql" in engines:
+        from peers import compare
+
+        print(f"== side by side with Indico's room booking ({args.peer_workers} processes each, "
+              f"{args.concurrency} clients, {args.peer_seconds} s; race test {args.race_trials} trials at K=2 and "
+              "K=10)", flush=True)
+        results["peer"] = compare.run(admin_url=args.admin_url, seconds=args.peer_seconds,
+                                      concurrency=args.concurrency, workers=args.peer_workers,
+                                      trials=args.race_trials, quick=args.quick)
     if "earliest" in parts:
         for engine in engines:
             ds = benchdata.Dataset(engine, args.earliest_instruments, args.earliest_bookings)
@@ -174,6 +205,19 @@ def main(argv: list[str]) -> int:
             )
             results["datasets"][f"{engine}:dashboard"] = r.pop("dataset")
             results["dashboard"].append(r)
+    if "memory" in parts:
+        for engine in engines:
+            ds = benchdata.Dataset(engine, args.earliest_instruments, args.earliest_bookings)
+            print(f"== server memory: {engine}, {ds.instruments:,} instruments, {args.memory_workers} workers, "
+                  f"{args.memory_seconds:.0f} s of searches, earliest slots and pages", flush=True)
+            db, info = benchdata.ensure(ds, args.admin_url, max_age_days=args.max_age_days, fresh=args.fresh)
+            db.dispose()
+            r = memory.run(ds.url(args.admin_url), workers=args.memory_workers, seconds=args.memory_seconds)
+            r.update(engine=engine, instruments=ds.instruments, bookings=ds.bookings)
+            results["memory"].append(r)
+            print(f"  {r['requests']} requests {r['statuses']}; RSS per worker {r['worker_rss_mib']} MiB "
+                  f"(peak {r['worker_peak_rss_mib']}), supervisor {r['master_rss_mib']} MiB, "
+                  f"total {r['total_rss_mib']} MiB", flush=True)
     results["seconds"] = round(time.perf_counter() - started, 1)
     results["loadavg_end"] = os.getloadavg()
     out = benchdata.RESULTS / "latest.json"
@@ -193,9 +237,14 @@ def _verdict(value: float, target: float, *, higher_is_better: bool = False) -> 
 def report(results: dict[str, Any]) -> str:
     """The summary table: each measured figure beside its target."""
     lines = [f"{'figure':<62} {'measured':>12} {'target':>10}  verdict", "-" * 96]
+    ceiling = results.get("ceiling")
+    if ceiling:
+        for run in ceiling["runs"]:
+            label = f"pgbench {run['variant']} (sync commit {run['synchronous_commit']}), tx/s"
+            lines.append(f"{label:<62} {run['tps']:>12.1f} {'ceiling':>10}")
     for r in results["http"]:
         label = f"bookings/s {r['engine']} ({r['client']}, {r['concurrency']} clients, {r['workers']} wkrs)"
-        lines.append(f"{label:<62} {r['bookings_per_s']:>12.1f} {'>= 1000':>10}  "
+        lines.append(f"{label:<62} {r['bookings_per_s']:>12.1f} {'>= 1500':>10}  "
                      f"{_verdict(r['bookings_per_s'], TARGETS['bookings_per_s'], higher_is_better=True)}")
         lines.append(f"{'  booking latency p50 / p99 (ms)':<62} {r['p50_ms']:>5.1f} /{r['p99_ms']:>5.1f} "
                      f"{'p99 < 50':>10}  {_verdict(r['p99_ms'], TARGETS['booking_p99_ms'])}")
@@ -208,7 +257,21 @@ def report(results: dict[str, Any]) -> str:
         label = f"search p95 {r['engine']} ({r['instruments']:,} instr., facets {facets})"
         lines.append(f"{label:<62} {r['p95_ms']:>10.1f}ms {'< 30 ms':>10}  "
                      f"{_verdict(r['p95_ms'], TARGETS['search_p95_ms'])}")
+    peer = results.get("peer")
+    if peer:
+        ours, theirs = peer.get("labcommons", {}), peer.get("peer", {})
+        if ours.get("bookings_per_s") and theirs.get("bookings_per_s"):
+            ratio = ours["bookings_per_s"] / theirs["bookings_per_s"]
+            lines.append(f"{'bookings/s LabCommons / Indico (same client, cores, processes)':<62} "
+                         f"{ratio:>11.1f}x {'>= 20x':>10}  "
+                         f"{_verdict(ratio, TARGETS['peer_ratio'], higher_is_better=True)}")
+        else:
+            reason = theirs.get("unavailable") or ours.get("unavailable") or "no figures"
+            lines.append(f"{'peer comparison':<62} {'unavailable':>12}  {reason}")
     lines.extend(dashboard.report_lines(results["dashboard"]))
+    for r in results.get("memory", []):
+        label = f"server RSS per worker {r['engine']} ({r['instruments']:,} instr.), MiB"
+        lines.append(f"{label:<62} {max(r['worker_rss_mib'] or [0]):>12.1f} {'—':>10}")
     start, end = results["loadavg_start"][0], results["loadavg_end"][0]
     lines.append(f"(load average {start:.1f} at start, {end:.1f} at end; {results['machine']['nproc']} CPUs)")
     return "\n".join(lines)

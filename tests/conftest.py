@@ -23,6 +23,9 @@ os.environ.setdefault("LABCOMMONS_ARGON2_MEMORY_KIB", "1024")
 # No write rate limit unless a test sets one (tests/security/test_limits.py): fuzzing and load tests write far
 # faster than a person, as one user from one address, and the server processes they start inherit this.
 os.environ.setdefault("LABCOMMONS_WRITE_RATE_PER_MINUTE", "0")
+# Tests read the audit chain right after the change they make: they append inline. The deferred sealing that
+# PostgreSQL uses by default has its own tests (tests/audit/test_deferred_sealing.py) and the multi-process ones.
+os.environ.setdefault("LABCOMMONS_AUDIT_SEALING", "inline")
 # Result files that a test stores without choosing a place land here, never in the working tree's ./data.
 os.environ.setdefault("LABCOMMONS_RESULT_DIR", tempfile.mkdtemp(prefix="labcommons-test-results-"))
 

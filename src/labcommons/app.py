@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from labcommons import __version__, i18n
 from labcommons.audit import context as audit_context
@@ -43,9 +45,19 @@ def create_app(
 
             runner = app.state.job_runner = Worker(app.state.db, poll_seconds=settings.job_poll_seconds)
             runner.start()
+        sealer = None
+        if owned or run_jobs:
+            from labcommons.audit.capture import deferred_sealing
+            from labcommons.audit.seal import Sealer
+
+            if deferred_sealing(app.state.db.engine.dialect.name):
+                sealer = Sealer(app.state.db, settings.audit_seal_interval_seconds)
+                sealer.start()
         try:
             yield
         finally:
+            if sealer is not None:
+                sealer.stop()
             if runner is not None:
                 runner.stop()
             if owned:
@@ -155,29 +167,7 @@ def create_app(
     app.include_router(audit_pages)
     app.include_router(privacy_pages)
 
-    @app.middleware("http")
-    async def locale_and_cookies(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        with audit_context.acting("anonymous", client_ip=client_address(request, settings)):
-            return await _localised(request, call_next)
-
-    async def _localised(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        from labcommons.pages import ANON_COOKIE, new_anon_token
-
-        query_lang = request.query_params.get("lang")
-        locale = i18n.pick_locale(query_lang, request.cookies.get("lang"), request.headers.get("accept-language"))
-        i18n.set_locale(locale)
-        is_page = not request.url.path.startswith(("/api/", "/static/"))
-        anon = None
-        if is_page and not request.cookies.get(SESSION_COOKIE) and not request.cookies.get(ANON_COOKIE):
-            anon = request.state.anon_token = new_anon_token()
-        response = await call_next(request)
-        if query_lang and is_page:
-            response.set_cookie("lang", locale, max_age=365 * 86400, samesite="lax")
-        if anon:
-            response.set_cookie(ANON_COOKIE, anon, httponly=True, samesite="lax", secure=settings.cookie_secure)
-        return response
+    app.add_middleware(LocaleAndCookies, settings=settings)
 
     # Outermost, around Starlette's error middleware too: size limits, rate limits and security headers apply to
     # every response, errors included.
@@ -187,3 +177,49 @@ def create_app(
     # Outermost of all: the request id and the latency histogram cover the security layer's answers too.
     install_observability(app, settings)
     return app
+
+
+class LocaleAndCookies:
+    """Per request: the audit context with the client's address, the locale (query, cookie or Accept-Language), and
+    the language and anonymous-visitor cookies of pages.
+
+    A plain ASGI middleware, not `@app.middleware("http")`: Starlette's BaseHTTPMiddleware runs every request in an
+    extra task with memory streams, a cost paid on each booking."""
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        from labcommons.pages import ANON_COOKIE, new_anon_token
+
+        request = Request(scope)
+        with audit_context.acting("anonymous", client_ip=client_address(request, self.settings)):
+            query_lang = request.query_params.get("lang")
+            locale = i18n.pick_locale(query_lang, request.cookies.get("lang"), request.headers.get("accept-language"))
+            i18n.set_locale(locale)
+            path: str = scope["path"]
+            is_page = not path.startswith(("/api/", "/static/"))
+            cookies = Response()
+            if query_lang and is_page:
+                cookies.set_cookie("lang", locale, max_age=365 * 86400, samesite="lax")
+            if is_page and not request.cookies.get(SESSION_COOKIE) and not request.cookies.get(ANON_COOKIE):
+                anon = request.state.anon_token = new_anon_token()
+                cookies.set_cookie(ANON_COOKIE, anon, httponly=True, samesite="lax",
+                                   secure=self.settings.cookie_secure)
+            set_cookies = [value for name, value in cookies.raw_headers if name == b"set-cookie"]
+            if not set_cookies:
+                await self.app(scope, receive, send)
+                return
+
+            async def send_with_cookies(message: Message) -> None:
+                if message["type"] == "http.response.start":
+                    headers = MutableHeaders(scope=message)
+                    for value in set_cookies:
+                        headers.append("set-cookie", value.decode("latin-1"))
+                await send(message)
+
+            await self.app(scope, receive, send_with_cookies)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
@@ -179,25 +179,88 @@ def seed_demo(bookings: int = 300) -> None:
         console.print(f"  {email}  password: {password}  token: {token}{roles}", soft_wrap=True, highlight=False)
 
 
-def _serve(host: str, port: int, workers: int) -> None:
+def _serve(
+    host: str, port: int, workers: int, *, uds: str | None = None, forwarded_allow_ips: str | None = None,
+    graceful_timeout: int = 30,
+) -> None:
+    """Run uvicorn with `workers` processes, logging and metrics set up from the settings (see docs/deploy.md)."""
+    import shutil
+    import signal
+    import tempfile
+
     import uvicorn
 
-    if workers > 1:
-        uvicorn.run("labcommons.asgi:app", host=host, port=port, workers=workers, log_level="info")
-    else:
-        from labcommons.app import create_app
+    from labcommons.config import get_settings
+    from labcommons.ops.observability import configure_logging, use_metrics_dir
 
-        uvicorn.run(create_app(), host=host, port=port, log_level="info")
+    settings = get_settings()
+    configure_logging(settings)
+    metrics_dir: Path | None = None
+    made_metrics_dir = False
+    if settings.metrics_enabled:
+        # Every worker writes its metrics to files here and a scrape adds them up; files left by an earlier run
+        # would add counts from processes long gone, so the directory starts empty.
+        if settings.metrics_dir:
+            metrics_dir = Path(settings.metrics_dir)
+            _empty_metrics_dir(metrics_dir)
+        else:
+            metrics_dir, made_metrics_dir = Path(tempfile.mkdtemp(prefix="labcommons-metrics-")), True
+        use_metrics_dir(metrics_dir)
+        # The workers are new processes that read their settings from the environment they inherit.
+        os.environ["LABCOMMONS_METRICS_DIR"] = str(metrics_dir)
+        get_settings.cache_clear()
+    options: dict[str, Any] = dict(
+        host=host, port=port, uds=uds,
+        # Logging is ours (configure_logging, in every worker through labcommons.asgi); the middleware writes the
+        # one access line per request, so uvicorn's own is off.
+        log_config=None, log_level=settings.log_level.lower(), access_log=False,
+        # X-Forwarded-For/-Proto change the client and scheme only when the proxy is trusted to overwrite them.
+        proxy_headers=settings.trust_proxy_headers, forwarded_allow_ips=forwarded_allow_ips,
+        # On SIGTERM: stop accepting, let requests in progress finish for this long, then close.
+        timeout_graceful_shutdown=graceful_timeout, server_header=False,
+    )
+    # One server process re-raises SIGTERM once it has shut down gracefully; the default action would end the
+    # process before the metrics directory below is cleaned. A clean stop exits with status 0 instead.
+    signal.signal(signal.SIGTERM, _exit_after_shutdown)
+    try:
+        if workers > 1:
+            uvicorn.run("labcommons.asgi:app", workers=workers, **options)
+        else:
+            from labcommons.app import create_app
+
+            uvicorn.run(create_app(get_settings()), **options)
+    finally:
+        if metrics_dir is not None:
+            if made_metrics_dir:
+                shutil.rmtree(metrics_dir, ignore_errors=True)
+            else:
+                _empty_metrics_dir(metrics_dir)
+
+
+def _exit_after_shutdown(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
+def _empty_metrics_dir(path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    for stale in path.glob("*.db"):
+        stale.unlink(missing_ok=True)
 
 
 @app.command("serve")
 def serve(
-    host: str = "127.0.0.1",
-    port: int = 8000,
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every interface)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
     workers: Annotated[int, typer.Option(min=1, help="Worker processes")] = 1,
+    uds: Annotated[str | None, typer.Option(help="Listen on this unix socket instead of host:port (for nginx)")]
+    = None,
+    forwarded_allow_ips: Annotated[str | None, typer.Option(
+        help="Proxy addresses whose X-Forwarded-* headers are applied when LABCOMMONS_TRUST_PROXY_HEADERS is on "
+             "(comma-separated, '*' for any; default $FORWARDED_ALLOW_IPS or 127.0.0.1)")] = None,
+    graceful_timeout: Annotated[int, typer.Option(min=0, help="Seconds requests in progress get on shutdown")] = 30,
 ) -> None:
-    """Serve the web pages and the API."""
-    _serve(host, port, workers)
+    """Serve the web pages and the API; settings come from LABCOMMONS_* environment variables."""
+    _serve(host, port, workers, uds=uds, forwarded_allow_ips=forwarded_allow_ips, graceful_timeout=graceful_timeout)
 
 
 @app.command("worker")
@@ -206,12 +269,20 @@ def worker_command(
     poll: Annotated[float | None, typer.Option(help="Seconds between polls when idle (default: settings)")] = None,
     worker_id: Annotated[str | None, typer.Option("--id", help="Name in the jobs' locked_by column")] = None,
 ) -> None:
-    """Run background jobs (e-mail, reminders) from the queue until interrupted; any number may run at once."""
+    """Run background jobs (e-mail, reminders) from the queue until interrupted; any number may run at once.
+
+    SIGTERM or Ctrl-C stops it after the job in hand; a worker killed instead has its job run by another worker
+    once its heartbeat is older than job_worker_dead_seconds.
+    """
+    import signal
+
     from labcommons import jobs
 
     db = _database()
     if once:
-        stats = jobs.run_pending(db, worker_id, limit=10_000)
+        worker_name = worker_id or jobs.default_worker_id()
+        with jobs.registered(db, worker_name):
+            stats = jobs.run_pending(db, worker_name, limit=10_000)
         console.print(f"{stats.done} done, {stats.retried} to retry, {stats.failed} failed")
         return
     totals = jobs.RunStats()
@@ -223,6 +294,8 @@ def worker_command(
                           f"{totals.failed} failed; waiting for jobs")
 
         worker = jobs.Worker(db, worker_id, poll_seconds=poll, on_batch=report)
+        # What systemd and container runtimes send: finish the job in hand, record the stop, exit.
+        signal.signal(signal.SIGTERM, lambda _signum, _frame: worker.stop(timeout=0))
         try:
             worker.run()
         except KeyboardInterrupt:

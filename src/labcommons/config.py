@@ -102,6 +102,13 @@ class Settings(BaseSettings):
     # The audit log's chain is an HMAC under this key (empty: derived from secret_key), so whoever can write to
     # the database but does not hold the key cannot rewrite the chain unnoticed.
     audit_key: str = ""
+    # "inline" appends each transaction's entries to the chain at its commit, holding the chain's head until the
+    # commit ends: every writer of the platform queues there. "deferred" records entries in the same transaction
+    # with their own HMAC and a sealer (a thread in every server and worker, and every reader of the log) chains
+    # them within about audit_seal_interval_seconds. "auto": deferred on PostgreSQL, inline on SQLite (whose writers
+    # are serialised anyway).
+    audit_sealing: Literal["auto", "inline", "deferred"] = "auto"
+    audit_seal_interval_seconds: float = 1.0
 
     # Operations. Logs are one JSON object per line ("json", for collectors) or plain text ("text"); every
     # request gets an id (X-Request-ID, taken from a trusted proxy or made up) that its log lines carry.

@@ -6,8 +6,12 @@ PostgreSQL workers claim with SELECT ... FOR UPDATE SKIP LOCKED; SQLite claims i
 
 Delivery is at least once. A handler that only sends (e-mail) runs after its claim is committed, with no write
 transaction open, and "done" is recorded in a second short transaction: a crash or database error after the mail
-was handed to SMTP and before that commit, or a run longer than `job_stale_minutes`, sends it again. Handlers
-registered with `writes=True` do their database work and the "done" mark in one transaction instead.
+was handed to SMTP and before that commit sends it again. Handlers registered with `writes=True` do their
+database work and the "done" mark in one transaction instead, so they take effect exactly once.
+
+Workers register in `job_worker` and beat every `job_heartbeat_seconds` from a thread of their own (a long handler
+does not stop the beats). A running job whose worker stopped, or has been silent for `job_worker_dead_seconds`, is
+queued again by the next loop of any worker; `job_stale_minutes` remains the limit for jobs of workers with no row.
 """
 
 from __future__ import annotations
@@ -19,18 +23,19 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, event, func, select, update
+from sqlalchemy import delete, event, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from labcommons.config import get_settings
 from labcommons.db import Database, utcnow
-from labcommons.notifications.models import Job, JobStatus
+from labcommons.notifications.models import Job, JobStatus, JobWorker
 
 log = logging.getLogger("labcommons.jobs")
 
@@ -61,6 +66,8 @@ PERIODIC: tuple[tuple[str, int], ...] = (
 # How long finished jobs are kept for inspection before the sweep prunes them (failed ones are worth a longer look).
 KEEP_FINISHED = timedelta(days=7)
 KEEP_FAILED = timedelta(days=30)
+# Rows of workers that stopped or fell silent this long ago are pruned (their jobs were recovered long before).
+KEEP_WORKERS = timedelta(days=1)
 _ENQUEUED_KEY = "labcommons_jobs_enqueued"
 # Set after a commit that enqueued work, so an in-process worker picks it up without waiting for its poll.
 _wake = threading.Event()
@@ -160,24 +167,144 @@ def backoff(attempts: int) -> timedelta:
     return timedelta(seconds=seconds)
 
 
+def _orphaned(now: datetime, stale_cutoff: datetime) -> Any:
+    """Running jobs whose worker is gone: it stopped or fell silent, or (no row at all) the lock is too old."""
+    dead_cutoff = now - timedelta(seconds=get_settings().job_worker_dead_seconds)
+    known = select(JobWorker.worker_id)
+    alive = known.where(JobWorker.stopped_at.is_(None), JobWorker.heartbeat_at >= dead_cutoff)
+    return (Job.status == JobStatus.running) & or_(
+        Job.locked_by.in_(known) & Job.locked_by.not_in(alive),
+        (or_(Job.locked_by.is_(None), Job.locked_by.not_in(known))) & (Job.locked_at < stale_cutoff),
+    )
+
+
+def _give_back(session: Session, ids: list[int], now: datetime) -> tuple[int, int]:
+    """Queue the given running jobs again at once, failing those out of attempts; (requeued, failed)."""
+    if not ids:
+        return 0, 0
+    failed = session.execute(
+        update(Job).where(Job.id.in_(ids), Job.attempts >= Job.max_attempts).values(
+            status=JobStatus.failed, finished_at=now, locked_at=None, locked_by=None,
+            last_error="the worker stopped while running it",
+        )
+    ).rowcount  # type: ignore[attr-defined]
+    requeued = session.execute(
+        update(Job).where(Job.id.in_(ids), Job.status == JobStatus.running)
+        .values(status=JobStatus.queued, run_after=now, locked_at=None, locked_by=None)
+    ).rowcount  # type: ignore[attr-defined]
+    return int(requeued), int(failed)
+
+
 def requeue_stale(db: Database, *, now: datetime | None = None, older_than: timedelta | None = None) -> int:
-    """Give back jobs whose worker died mid-run (locked longer than the limit); those out of attempts fail."""
+    """Give back the running jobs of dead workers (stopped, or no heartbeat for `job_worker_dead_seconds`, or with
+    no row and locked longer than `job_stale_minutes`); those out of attempts fail. How many were recovered."""
     now = now or utcnow()
-    cutoff = now - (older_than or timedelta(minutes=get_settings().job_stale_minutes))
-    stale = (Job.status == JobStatus.running) & (Job.locked_at < cutoff)
+    orphaned = _orphaned(now, now - (older_than or timedelta(minutes=get_settings().job_stale_minutes)))
+    # A read first: every worker loop runs this, and on SQLite a write transaction would take the write lock.
+    with db.unit_of_work(write=False) as session:
+        if session.scalar(select(Job.id).where(orphaned).limit(1)) is None:
+            return 0
     with db.unit_of_work() as session:
-        failed = session.execute(
-            update(Job).where(stale, Job.attempts >= Job.max_attempts).values(
-                status=JobStatus.failed, finished_at=now, locked_at=None, locked_by=None,
-                last_error="the worker stopped while running it",
-            )
-        ).rowcount  # type: ignore[attr-defined]
-        requeued = session.execute(
-            update(Job).where(stale).values(status=JobStatus.queued, run_after=now, locked_at=None, locked_by=None)
-        ).rowcount  # type: ignore[attr-defined]
+        query = select(Job.id).where(orphaned).order_by(Job.id)
+        if not db.is_sqlite:
+            # A row still locked is being finished by a `writes=True` handler, or by the open transaction of a
+            # killed worker that PostgreSQL has not noticed yet; it is decided when that transaction ends.
+            query = query.with_for_update(skip_locked=True, of=Job)
+        requeued, failed = _give_back(session, list(session.scalars(query)), now)
     if failed or requeued:
-        log.warning("recovered stale jobs: %d requeued, %d failed", requeued, failed)
-    return int(requeued) + int(failed)
+        log.warning("recovered jobs of dead workers: %d requeued, %d failed", requeued, failed)
+    return requeued + failed
+
+
+# --- worker registrations and heartbeats -----------------------------------------------------------------------
+
+
+def register_worker(db: Database, worker_id: str, *, now: datetime | None = None) -> int:
+    """Record the worker as started and alive; jobs still locked under its id belong to an earlier run of it (a
+    worker restarted with the same `--id`) and are given back. How many were."""
+    now = now or utcnow()
+    with db.unit_of_work() as session:
+        _upsert_worker(session, worker_id, now)
+        query = select(Job.id).where(Job.status == JobStatus.running, Job.locked_by == worker_id)
+        if not db.is_sqlite:
+            query = query.with_for_update(skip_locked=True)
+        requeued, failed = _give_back(session, list(session.scalars(query)), now)
+    if requeued or failed:
+        log.warning("worker %s: %d jobs of its earlier run requeued, %d failed", worker_id, requeued, failed)
+    return requeued + failed
+
+
+def _upsert_worker(session: Session, worker_id: str, now: datetime) -> None:
+    insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+    values = dict(host=socket.gethostname(), pid=os.getpid(), started_at=now, heartbeat_at=now, stopped_at=None)
+    session.execute(
+        insert(JobWorker).values(worker_id=worker_id, **values)
+        .on_conflict_do_update(index_elements=[JobWorker.worker_id], set_=values)
+    )
+
+
+def beat(db: Database, worker_id: str, *, now: datetime | None = None) -> None:
+    """Record that the worker is alive (re-registering it if its row was pruned while it was suspended)."""
+    now = now or utcnow()
+    with db.unit_of_work() as session:
+        updated = session.execute(
+            update(JobWorker).where(JobWorker.worker_id == worker_id, JobWorker.stopped_at.is_(None))
+            .values(heartbeat_at=now)
+        ).rowcount  # type: ignore[attr-defined]
+        if not updated:
+            _upsert_worker(session, worker_id, now)
+
+
+def mark_stopped(db: Database, worker_id: str, *, now: datetime | None = None) -> None:
+    """Record a clean exit: whatever it still had running is recovered by the next loop of another worker."""
+    now = now or utcnow()
+    with db.unit_of_work() as session:
+        session.execute(update(JobWorker).where(JobWorker.worker_id == worker_id)
+                        .values(stopped_at=now, heartbeat_at=now))
+
+
+class Heartbeat:
+    """Beats for one worker from a daemon thread, so a handler running for minutes does not make it look dead."""
+
+    def __init__(self, db: Database, worker_id: str, interval: float | None = None) -> None:
+        self.db = db
+        self.worker_id = worker_id
+        self.interval = interval if interval is not None else get_settings().job_heartbeat_seconds
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"labcommons-heartbeat-{worker_id}", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                beat(self.db, self.worker_id)
+            except Exception:  # the database is away; the next beat tries again
+                log.warning("job worker %s: heartbeat failed", self.worker_id, exc_info=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=max(self.interval, 1.0) + 35.0)
+
+
+@contextmanager
+def registered(db: Database, worker_id: str) -> Iterator[None]:
+    """Register the worker, keep its heartbeat while the block runs, and mark it stopped when the block ends."""
+    try:
+        register_worker(db, worker_id)
+    except Exception:  # the heartbeat thread registers it once the database answers
+        log.exception("job worker %s: could not register", worker_id)
+    heartbeat = Heartbeat(db, worker_id)
+    heartbeat.start()
+    try:
+        yield
+    finally:
+        heartbeat.stop()
+        try:
+            mark_stopped(db, worker_id)
+        except Exception:  # without the mark its jobs are recovered job_worker_dead_seconds later instead
+            log.exception("job worker %s: could not record its stop", worker_id)
 
 
 def claim_next(db: Database, worker_id: str, *, now: datetime | None = None) -> ClaimedJob | None:
@@ -200,6 +327,10 @@ def claim_next(db: Database, worker_id: str, *, now: datetime | None = None) -> 
         job.attempts += 1
         job.locked_at = now
         job.locked_by = worker_id
+        # A beat with every claim too: a worker whose heartbeat thread was held up (on SQLite, by the write lock
+        # its own `writes=True` handler held) is never presumed dead with a job it has just claimed.
+        session.execute(update(JobWorker).where(JobWorker.worker_id == worker_id, JobWorker.stopped_at.is_(None))
+                        .values(heartbeat_at=now))
         return ClaimedJob(job.id, job.kind, json.loads(job.payload or "{}"), job.attempts, job.max_attempts)
 
 
@@ -266,14 +397,36 @@ def run_claimed(db: Database, job: ClaimedJob, worker_id: str, *, now: datetime 
 
 
 def prune(session: Session, now: datetime | None = None) -> int:
-    """Delete done and cancelled jobs older than 7 days and failed ones older than 30; how many went."""
+    """Delete done and cancelled jobs older than 7 days, failed ones older than 30, and the rows of workers gone
+    for a day; how many rows went."""
     now = now or utcnow()
     finished = func.coalesce(Job.finished_at, Job.created_at)
     removed = 0
     for statuses, age in (((JobStatus.done, JobStatus.cancelled), KEEP_FINISHED), ((JobStatus.failed,), KEEP_FAILED)):
         result = session.execute(delete(Job).where(Job.status.in_(statuses), finished < now - age))
         removed += int(result.rowcount)  # type: ignore[attr-defined]
+    gone = session.execute(delete(JobWorker).where(or_(JobWorker.stopped_at < now - KEEP_WORKERS,
+                                                       JobWorker.heartbeat_at < now - KEEP_WORKERS)))
+    removed += int(gone.rowcount)  # type: ignore[attr-defined]
     return removed
+
+
+def queue_depth(session: Session) -> dict[str, int]:
+    """How many jobs are in each status (every status named, zero when none)."""
+    counts: dict[JobStatus, int] = {status: n for status, n in session.execute(
+        select(Job.status, func.count()).group_by(Job.status))}
+    return {status.value: int(counts.get(status, 0)) for status in JobStatus}
+
+
+def oldest_queued_age_seconds(session: Session, now: datetime | None = None) -> float:
+    """Seconds the longest-waiting due job has waited since it became due (0.0 when none is due)."""
+    now = now or utcnow()
+    oldest = session.scalar(
+        select(func.min(Job.run_after)).where(Job.status == JobStatus.queued, Job.run_after <= now)
+    )
+    if oldest is None:
+        return 0.0
+    return max(0.0, (now - oldest).total_seconds())
 
 
 def run_once(db: Database, worker_id: str, *, now: datetime | None = None) -> JobStatus | None:
@@ -336,8 +489,12 @@ class Worker:
         self._thread: threading.Thread | None = None
 
     def run(self) -> None:
-        """Loop in the calling thread until stop() is called."""
+        """Loop in the calling thread until stop() is called, registered and beating all along."""
         load_handlers()
+        with registered(self.db, self.worker_id):
+            self._loop()
+
+    def _loop(self) -> None:
         while not self.stop_event.is_set():
             stats = RunStats()
             try:

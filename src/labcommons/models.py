@@ -64,7 +64,7 @@ from labcommons.matching.models import (
     Expert,
     MatchDocument,
 )
-from labcommons.notifications.models import Job, NotificationPreference
+from labcommons.notifications.models import Job, JobWorker, NotificationPreference
 from labcommons.orders.models import (
     OrderEvent,
     OrderMessage,
@@ -110,6 +110,7 @@ __all__ = [
     "Invoice",
     "InvoiceLine",
     "Job",
+    "JobWorker",
     "LoginState",
     "LoginThrottle",
     "MatchDocument",

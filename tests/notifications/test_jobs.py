@@ -5,17 +5,18 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from labcommons import jobs
 from labcommons.app import create_app
 from labcommons.db import Database, utcnow
-from labcommons.notifications.models import Job, JobStatus
+from labcommons.notifications.models import Job, JobStatus, JobWorker
 from tests.test_mail import settings_env
 
 _calls: Counter[str] = Counter()
@@ -33,9 +34,13 @@ def _echo(session: Any, payload: dict[str, Any]) -> None:
 
 
 @pytest.fixture(autouse=True)
-def _reset() -> None:
+def _reset() -> Iterator[None]:
     _calls.clear()
     _failures_left.clear()
+    # Worker threads here also run the periodic jobs; match_refresh would load the embedding model (seconds of CPU
+    # and memory) where it is installed, and a stop() would time out waiting for it.
+    with settings_env(matching_embeddings="false"):
+        yield
 
 
 def all_jobs(db: Database) -> list[Job]:
@@ -288,3 +293,198 @@ def test_prune_deletes_old_finished_jobs_only(db: Database) -> None:
         assert jobs.prune(session, now) == 3
     assert sorted(j.dedupe_key or "" for j in all_jobs(db)) == [
         "done-new", "failed-mid", "queued-old", "running-old"]
+
+
+# --- worker heartbeats and prompt recovery ---------------------------------------------------------------------
+
+
+def workers_by_id(db: Database) -> dict[str, JobWorker]:
+    with db.unit_of_work(write=False) as session:
+        return {w.worker_id: w for w in session.scalars(select(JobWorker))}
+
+
+def test_a_worker_registers_beats_and_records_its_stop(db: Database) -> None:
+    t0 = utcnow()
+    jobs.register_worker(db, "w1", now=t0)
+    registered = workers_by_id(db)["w1"]
+    assert (registered.started_at, registered.heartbeat_at, registered.stopped_at) == (t0, t0, None)
+    assert registered.pid > 0 and registered.host
+    jobs.beat(db, "w1", now=t0 + timedelta(seconds=5))
+    assert workers_by_id(db)["w1"].heartbeat_at == t0 + timedelta(seconds=5)
+    jobs.mark_stopped(db, "w1", now=t0 + timedelta(seconds=9))
+    assert workers_by_id(db)["w1"].stopped_at == t0 + timedelta(seconds=9)
+
+
+@pytest.mark.parametrize("silent_for, recovered", [(29, 0), (31, 1)])
+def test_the_job_of_a_silent_worker_is_requeued_after_the_dead_limit_not_the_stale_one(
+        db: Database, silent_for: int, recovered: int) -> None:
+    put(db, "orphan")
+    t0 = utcnow()
+    with settings_env(job_worker_dead_seconds=30, job_stale_minutes=15):
+        jobs.register_worker(db, "crashed", now=t0)
+        claimed = jobs.claim_next(db, "crashed", now=t0)  # the claim beats too; then the worker dies
+        assert claimed is not None and claimed.attempts == 1
+        assert jobs.requeue_stale(db, now=t0 + timedelta(seconds=silent_for)) == recovered
+    [job] = all_jobs(db)
+    if not recovered:
+        assert (job.status, job.locked_by) == (JobStatus.running, "crashed")
+        return
+    assert (job.status, job.locked_by, job.attempts) == (JobStatus.queued, None, 1)
+    assert jobs.run_pending(db, "alive", now=t0 + timedelta(seconds=silent_for)).done == 1
+    assert _calls == Counter({"orphan": 1})
+    assert [(j.status, j.attempts, j.locked_by) for j in all_jobs(db)] == [(JobStatus.done, 2, "alive")]
+
+
+def test_the_job_of_a_stopped_worker_is_requeued_at_once(db: Database) -> None:
+    put(db, "cut-off")
+    t0 = utcnow()
+    jobs.register_worker(db, "leaving", now=t0)
+    assert jobs.claim_next(db, "leaving", now=t0) is not None
+    jobs.mark_stopped(db, "leaving", now=t0)  # e.g. Ctrl-C in the middle of a handler
+    assert jobs.requeue_stale(db, now=t0) == 1
+    assert all_jobs(db)[0].status == JobStatus.queued
+
+
+def test_a_dead_workers_job_out_of_attempts_fails(db: Database) -> None:
+    with db.unit_of_work() as session:
+        jobs.enqueue(session, "test_echo", {"name": "last"}, max_attempts=1)
+    t0 = utcnow()
+    jobs.register_worker(db, "crashed", now=t0)
+    jobs.claim_next(db, "crashed", now=t0)
+    assert jobs.requeue_stale(db, now=t0 + timedelta(hours=1)) == 1
+    [job] = all_jobs(db)
+    assert (job.status, job.attempts) == (JobStatus.failed, 1) and "stopped" in job.last_error
+
+
+def test_a_live_workers_job_is_never_taken_however_long_it_runs(db: Database) -> None:
+    put(db, "long")
+    t0 = utcnow()
+    jobs.register_worker(db, "busy", now=t0)
+    jobs.claim_next(db, "busy", now=t0)
+    # Hours later the worker still beats: neither the dead limit nor job_stale_minutes applies to it.
+    jobs.beat(db, "busy", now=t0 + timedelta(hours=3))
+    assert jobs.requeue_stale(db, now=t0 + timedelta(hours=3, seconds=1)) == 0
+    assert all_jobs(db)[0].status == JobStatus.running
+
+
+def test_a_worker_restarted_under_the_same_id_gives_back_its_earlier_runs_jobs(db: Database) -> None:
+    put(db, "before-restart")
+    t0 = utcnow()
+    jobs.register_worker(db, "w1", now=t0)
+    jobs.claim_next(db, "w1", now=t0)
+    assert jobs.register_worker(db, "w1", now=t0 + timedelta(seconds=1)) == 1  # the restart, beating afresh
+    job = all_jobs(db)[0]
+    assert (job.status, job.locked_by, job.attempts) == (JobStatus.queued, None, 1)
+    assert workers_by_id(db)["w1"].stopped_at is None
+
+
+_long_started = threading.Event()
+_long_release = threading.Event()
+
+
+@jobs.handler("test_long")
+def _long(session: Any, payload: dict[str, Any]) -> None:
+    _long_started.set()
+    assert _long_release.wait(60), "the test never released the long job"
+    with _lock:
+        _calls["long"] += 1
+
+
+def test_a_worker_running_a_long_handler_keeps_beating_and_keeps_its_job(db: Database) -> None:
+    _long_started.clear()
+    _long_release.clear()
+    with db.unit_of_work() as session:
+        job_id = jobs.enqueue(session, "test_long", {})
+    with settings_env(job_heartbeat_seconds=0.1, job_worker_dead_seconds=0.5):
+        worker = jobs.Worker(db, "long-runner", poll_seconds=0.1)
+        worker.start()
+        try:
+            assert _long_started.wait(30)
+            with db.unit_of_work(write=False) as session:
+                claimed_at = session.get_one(Job, job_id).locked_at
+            assert claimed_at is not None
+            # Wait for beats sent well after the dead limit would have passed, had the handler stopped them.
+            deadline = claimed_at + timedelta(seconds=1.5)
+            for _ in range(600):
+                if workers_by_id(db)["long-runner"].heartbeat_at > deadline:
+                    break
+                time.sleep(0.05)
+            assert workers_by_id(db)["long-runner"].heartbeat_at > deadline
+            assert jobs.requeue_stale(db) == 0  # what every other worker's loop runs
+            with db.unit_of_work(write=False) as session:
+                job = session.get_one(Job, job_id)
+                assert (job.status, job.locked_by, job.attempts) == (JobStatus.running, "long-runner", 1)
+        finally:
+            _long_release.set()
+            worker.stop(timeout=30)
+    assert not worker.running
+    with db.unit_of_work(write=False) as session:
+        job = session.get_one(Job, job_id)
+        assert (job.status, job.attempts) == (JobStatus.done, 1)
+    assert _calls["long"] == 1
+    assert workers_by_id(db)["long-runner"].stopped_at is not None  # the clean exit is recorded
+
+
+_writes_seen: list[int] = []
+_writes_db: list[Database] = []
+
+
+@jobs.handler("test_writes", writes=True)
+def _writes(session: Any, payload: dict[str, Any]) -> None:
+    session.add(Job(kind="test_echo", payload="{}", dedupe_key=f"written:{payload['n']}", status=JobStatus.done,
+                    attempts=1, max_attempts=1, run_after=utcnow(), created_at=utcnow(), last_error=""))
+    session.flush()
+    # Meanwhile another worker decides this one is dead: the row it would requeue is held by this transaction,
+    # so it skips it (on SQLite no other writer can even start until this transaction ends).
+    _writes_seen.append(jobs.requeue_stale(_writes_db[0], now=utcnow() + timedelta(days=1)))
+
+
+def test_a_writes_job_in_progress_is_not_taken_from_a_presumed_dead_worker(db: Database) -> None:
+    if db.is_sqlite:
+        pytest.skip("SQLite serialises writers: no recovery can start while the handler's transaction is open")
+    _writes_seen.clear()
+    _writes_db[:] = [db]
+    t0 = utcnow()
+    with db.unit_of_work() as session:
+        job_id = jobs.enqueue(session, "test_writes", {"n": 1}, run_after=t0 - timedelta(hours=2))
+    jobs.register_worker(db, "slow-w", now=t0 - timedelta(hours=1))
+    claimed = jobs.claim_next(db, "slow-w", now=t0 - timedelta(hours=1))
+    assert claimed is not None and claimed.id == job_id
+    assert jobs.run_claimed(db, claimed, "slow-w") == JobStatus.done
+    assert _writes_seen == [0]
+    with db.unit_of_work(write=False) as session:
+        job = session.get_one(Job, job_id)
+        assert (job.status, job.attempts) == (JobStatus.done, 1)
+        assert session.scalar(select(func.count()).where(Job.dedupe_key == "written:1")) == 1
+
+
+def test_prune_drops_the_rows_of_workers_gone_for_a_day(db: Database) -> None:
+    now = utcnow()
+    jobs.register_worker(db, "live", now=now - timedelta(days=3))
+    jobs.beat(db, "live", now=now)
+    jobs.register_worker(db, "stopped-long-ago", now=now - timedelta(days=2))
+    jobs.mark_stopped(db, "stopped-long-ago", now=now - timedelta(days=2))
+    jobs.register_worker(db, "stopped-now", now=now - timedelta(hours=1))
+    jobs.mark_stopped(db, "stopped-now", now=now)
+    jobs.register_worker(db, "silent", now=now - timedelta(days=2))
+    with db.unit_of_work() as session:
+        assert jobs.prune(session, now) == 2
+    assert sorted(workers_by_id(db)) == ["live", "stopped-now"]
+
+
+def test_queue_depth_and_the_oldest_due_jobs_wait(db: Database) -> None:
+    now = utcnow()
+    with db.unit_of_work(write=False) as session:
+        assert jobs.queue_depth(session) == {s.value: 0 for s in JobStatus}
+        assert jobs.oldest_queued_age_seconds(session, now) == 0.0
+    put(db, "due-long-ago", run_after=now - timedelta(seconds=90))
+    put(db, "due-now", run_after=now)
+    put(db, "later", run_after=now + timedelta(hours=1))  # not due: not waiting yet
+    put(db, "done", run_after=now - timedelta(hours=2))
+    jobs.claim_next(db, "w", now=now)  # the oldest due one ("done") ...
+    with db.unit_of_work() as session:
+        session.execute(update(Job).where(Job.status == JobStatus.running).values(status=JobStatus.done))
+    jobs.claim_next(db, "w", now=now)  # ... and "due-long-ago" is running now
+    with db.unit_of_work(write=False) as session:
+        assert jobs.queue_depth(session) == {"queued": 2, "running": 1, "done": 1, "failed": 0, "cancelled": 0}
+        assert jobs.oldest_queued_age_seconds(session, now + timedelta(seconds=10)) == 10.0

@@ -3,14 +3,32 @@ invariants that must hold whatever happened to those processes (crash, races).""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from email import message_from_bytes
+from email.message import Message
+from email.policy import default as default_policy
 from pathlib import Path
 
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, Envelope
+from aiosmtpd.smtp import Session as SmtpSession
 from sqlalchemy import and_, func, select
 from sqlalchemy.orm import Session, aliased
 
-from labcommons.audit import chain
+from labcommons.audit import chain, seal
 from labcommons.audit.models import AuditEntry
 from labcommons.billing.models import BillingHold, Charge, SourceKind
 from labcommons.booking.models import ACTIVE_STATUSES, Booking, BookingKind
@@ -37,6 +55,9 @@ def server_env(result_dir: Path) -> dict[str, str]:
     PostgreSQL's connection limit, and result files under the test's directory."""
     return {
         "LABCOMMONS_WRITE_RATE_PER_MINUTE": "0",
+        # As in production: PostgreSQL servers leave their audit entries to the sealer (the tests' own default is
+        # inline, for tests that read the chain right after a change).
+        "LABCOMMONS_AUDIT_SEALING": "auto",
         "LABCOMMONS_DB_POOL_SIZE": "4",
         "LABCOMMONS_RESULT_DIR": str(result_dir),
     }
@@ -98,6 +119,9 @@ def audited_ids(session: Session, action: str) -> set[str]:
 def check_audit(session: Session) -> None:
     """The chain verifies (no gap, no fork, head at its end) and every booking, order step, charge and result file
     has the entry that records its creation: a change and its entry commit together or not at all."""
+    # The servers run as in production (deferred sealing on PostgreSQL): chain what they left pending first.
+    while seal.seal_pending(session):
+        pass
     report = chain.verify(session)
     assert report.ok, report.problems
     for model, action in ((Booking, "booking.created"), (OrderEvent, "order_step.created"),
@@ -175,3 +199,167 @@ def check_everything(session: Session, store: LocalStore | None = None) -> None:
     if store is not None:
         check_result_files(session, store)
     check_audit(session)
+
+
+# --- job workers as processes, and an SMTP server that counts what it accepted -------------------------------
+
+
+class _Recorder:
+    """aiosmtpd handler: keeps every accepted message; the first delivery of a subject in `stall` is held open
+    (the client waits for the server's answer) until released, then refused, so that it is never accepted."""
+
+    def __init__(self) -> None:
+        self.messages: list[Message] = []
+        self.stall: set[str] = set()
+        self.stalled = threading.Event()
+        self.release = threading.Event()
+        self.lock = threading.Lock()
+
+    async def handle_DATA(self, server: SMTP, session: SmtpSession, envelope: Envelope) -> str:
+        content = envelope.content if isinstance(envelope.content, bytes) else str(envelope.content).encode()
+        message = message_from_bytes(content, policy=default_policy)
+        subject = str(message["Subject"])
+        with self.lock:
+            held = subject in self.stall
+            self.stall.discard(subject)
+        if held:
+            self.stalled.set()
+            while not self.release.is_set():
+                await asyncio.sleep(0.05)
+            return "451 4.3.0 Held by the test and not accepted"
+        with self.lock:
+            self.messages.append(message)
+        return "250 OK"
+
+
+class CountingSmtp:
+    """An SMTP server on a free loopback port, in a thread of the test process, for worker processes to send to."""
+
+    def __init__(self) -> None:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = int(probe.getsockname()[1])
+        self.recorder = _Recorder()
+        self._controller = Controller(self.recorder, hostname="127.0.0.1", port=self.port)
+
+    def __enter__(self) -> CountingSmtp:
+        self._controller.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.recorder.release.set()
+        self._controller.stop()
+
+    def stall(self, subject: str) -> None:
+        """Hold the first delivery of a message with this subject without ever accepting it."""
+        with self.recorder.lock:
+            self.recorder.stall.add(subject)
+
+    def subjects(self) -> Counter[str]:
+        """How many times each subject was accepted."""
+        with self.recorder.lock:
+            return Counter(str(m["Subject"]) for m in self.recorder.messages)
+
+    def accepted(self) -> Counter[tuple[str, str, str]]:
+        """How many times each (recipient, subject, body) was accepted."""
+        with self.recorder.lock:
+            found = [(str(m["To"]), str(m["Subject"]), _body(m)) for m in self.recorder.messages]
+        return Counter(found)
+
+
+def _body(message: Message) -> str:
+    part = message.get_body(("plain",))  # type: ignore[attr-defined]
+    # Line ends as sent: a base64 body comes back with the CRLFs of the wire.
+    return str(part.get_content()).replace("\r\n", "\n").strip() if part is not None else ""
+
+
+def worker_env(database_url: str, smtp_port: int, **more: str) -> dict[str, str]:
+    """Settings of `labcommons worker` processes under test: mail to the test's SMTP server, heartbeats every
+    0.3 s and a worker presumed dead after 2 s of silence, while the age limit (job_stale_minutes) is an hour, so
+    only the heartbeats can explain a prompt recovery; quick polls; no embedding model to load."""
+    return {
+        "LABCOMMONS_DATABASE_URL": database_url, "LABCOMMONS_MAIL_BACKEND": "smtp",
+        "LABCOMMONS_SMTP_HOST": "127.0.0.1", "LABCOMMONS_SMTP_PORT": str(smtp_port),
+        "LABCOMMONS_PUBLIC_BASE_URL": "http://labcommons.test",
+        "LABCOMMONS_JOB_HEARTBEAT_SECONDS": "0.3", "LABCOMMONS_JOB_WORKER_DEAD_SECONDS": "2",
+        "LABCOMMONS_JOB_STALE_MINUTES": "60", "LABCOMMONS_JOB_POLL_SECONDS": "0.2",
+        "LABCOMMONS_MATCHING_EMBEDDINGS": "off", "LABCOMMONS_DB_POOL_SIZE": "4",
+    } | more
+
+
+@dataclass
+class WorkerProcess:
+    """A running `labcommons worker --id NAME`."""
+
+    name: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def output(self) -> str:
+        try:
+            return self.log.read_bytes().decode(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    @property
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash or the OOM killer would: no cleanup runs, a mail in flight is cut off."""
+        with suppress(ProcessLookupError):
+            self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=30)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM (finish the job in hand, record the stop), then SIGKILL if it does not exit; the exit code."""
+        if self.alive:
+            self.process.terminate()
+            with suppress(subprocess.TimeoutExpired):
+                return self.process.wait(timeout=timeout)
+        self.kill()
+        return self.process.returncode
+
+
+def start_worker(name: str, env: dict[str, str]) -> WorkerProcess:
+    """Start the `labcommons` console script's `worker` command as its own process."""
+    script = Path(sys.executable).with_name("labcommons")
+    fd, log_name = tempfile.mkstemp(prefix=f"labcommons-worker-{name}-", suffix=".log")
+    os.close(fd)
+    with open(log_name, "ab") as out:
+        process = subprocess.Popen([str(script), "worker", "--id", name], env=os.environ | env, stdout=out,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    return WorkerProcess(name, process, Path(log_name))
+
+
+@contextmanager
+def workers(names: list[str], env: dict[str, str]) -> Iterator[list[WorkerProcess]]:
+    """Worker processes for the block; stopped after (killed if they hang), their output printed on failure."""
+    started = [start_worker(name, env) for name in names]
+    try:
+        yield started
+    except BaseException:
+        for worker in started:
+            print(f"--- worker {worker.name}:\n{worker.output()}")
+        raise
+    finally:
+        for worker in started:
+            worker.stop()
+            worker.log.unlink(missing_ok=True)
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str, *, step: float = 0.05) -> None:
+    """Poll `condition` until it holds; fail naming `what` if it has not within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(step)
+
+
+def job_rows(session: Session, kinds: tuple[str, ...] | None = None) -> list[Job]:
+    """The jobs (of the given kinds), oldest first."""
+    query = select(Job).order_by(Job.id)
+    if kinds is not None:
+        query = query.where(Job.kind.in_(kinds))
+    return list(session.scalars(query))

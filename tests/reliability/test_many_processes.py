@@ -6,10 +6,14 @@ the same things: the invariants hold whichever process serves whom.
     take more than the voucher or the balance holds, balances never go negative and the ledger adds up;
 (c) the same order transition from several clients: exactly one 2xx, the rest 409, one event row each.
 Afterwards the audit chain, appended to by every process at once, verifies without a gap.
+
+The app processes run no jobs (LABCOMMONS_JOBS_IN_PROCESS=false): the e-mails they queued are then sent by three
+`labcommons worker` processes racing over the queue, and every one arrives exactly once.
 """
 
 from __future__ import annotations
 
+import json
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -17,11 +21,13 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import httpx
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
+from labcommons import mail
 from labcommons.billing import accounts
 from labcommons.billing.models import (
     AccountKind,
@@ -33,17 +39,37 @@ from labcommons.billing.models import (
     VoucherRedemption,
 )
 from labcommons.booking.models import ACTIVE_STATUSES, Booking
-from labcommons.db import Database
+from labcommons.db import Database, utcnow
+from labcommons.notifications import service as notifications
+from labcommons.notifications.models import Job, JobStatus, JobWorker
+from labcommons.orders import notify as order_mail
 from labcommons.orders import quotes
 from labcommons.orders import service as orders
 from labcommons.orders.models import OrderEvent, OrderStatus
 from tests.billing.billing_support import CONF_RATES, balance_of, fund, give_voucher, open_account
 from tests.factories import build_world, next_grid_day
-from tests.reliability.support import LoadWorld, check_everything, load_world, overlapping_bookings, server_env
+from tests.reliability.support import (
+    CountingSmtp,
+    LoadWorld,
+    check_everything,
+    load_world,
+    overlapping_bookings,
+    server_env,
+    wait_until,
+    worker_env,
+    workers,
+)
 from tests.reliability.support import service_date as today_iso
 from tests.server import server_process
+from tests.test_mail import settings_env
 
 WORKERS = 4
+JOB_WORKERS = ("w1", "w2", "w3")
+# The handlers of the e-mail jobs the races queue, to work out in this process what each job sends.
+MAIL_HANDLERS: dict[str, Callable[[Any, dict[str, Any]], None]] = {
+    "send_notification": notifications.send_notification, order_mail.JOB_KIND: order_mail.send_order_mail,
+    "send_mail": notifications.send_mail,
+}
 
 # One request a client sends when the barrier opens: (user, path, JSON body).
 Request = tuple[str, str, dict[str, Any] | None]
@@ -205,13 +231,82 @@ def race_for_orders(db: Database, base: str, lw: LoadWorld) -> None:
             assert hold.amount_fen == 30_000  # the accepted quote, held once
 
 
+# --- (d) the queued e-mails, sent by racing worker processes -----------------------------------------------------
+
+
+class _Recording:
+    """A mailer that keeps what it is asked to send."""
+
+    def __init__(self) -> None:
+        self.sent: list[mail.Mail] = []
+
+    def send(self, message: mail.Mail) -> None:
+        self.sent.append(message)
+
+
+def expected_mail(db: Database, job_ids: list[int]) -> Counter[tuple[str, str, str]]:
+    """What the given mail jobs send, worked out by running their handlers here with a recording mailer (the
+    database no longer changes, so each renders what its worker sent): (recipient, subject, body) with counts."""
+    recording = _Recording()
+    with settings_env(public_base_url="http://labcommons.test"), \
+            mock.patch.object(mail, "get_mailer", lambda settings=None: recording), \
+            db.unit_of_work(write=False) as s:
+        for job in s.scalars(select(Job).where(Job.id.in_(job_ids))):
+            MAIL_HANDLERS[job.kind](s, json.loads(job.payload))
+    return Counter((m.to, m.subject, m.text.strip()) for m in recording.sent)
+
+
+def drain_with_workers(db: Database, db_url: str) -> None:
+    """Three worker processes race over the queue the app processes filled; each e-mail arrives once."""
+    now = utcnow()
+    with db.unit_of_work(write=False) as s:
+        queued = list(s.scalars(select(Job).where(Job.status == JobStatus.queued, Job.run_after <= now)))
+    assert {job.kind for job in queued} <= set(MAIL_HANDLERS), {job.kind for job in queued}
+    ids = [job.id for job in queued]
+    assert len(ids) >= 10, "the races queued too few e-mails to race over"
+    expected = expected_mail(db, ids)  # before running: send_mail jobs lose their payload once done
+    # Hold the queued jobs back until every worker polls, so that the workers really race for them.
+    with db.unit_of_work() as s:
+        s.execute(update(Job).where(Job.id.in_(ids)).values(run_after=now + timedelta(days=1)))
+    with CountingSmtp() as smtp:
+        with workers(list(JOB_WORKERS), worker_env(db_url, smtp.port)) as started:
+            def registered() -> bool:
+                with db.unit_of_work(write=False) as s:
+                    return s.scalar(select(func.count()).select_from(JobWorker)) == len(JOB_WORKERS)
+
+            wait_until(registered, 180, "the workers to register")
+            with db.unit_of_work() as s:
+                s.execute(update(Job).where(Job.id.in_(ids)).values(run_after=utcnow()))
+
+            def drained() -> bool:
+                with db.unit_of_work(write=False) as s:
+                    return not s.scalar(select(func.count()).where(
+                        Job.id.in_(ids), Job.status.in_([JobStatus.queued, JobStatus.running])))
+
+            wait_until(drained, 180, "the workers to empty the queue")
+            codes = [worker.stop() for worker in started]  # SIGTERM: a clean stop, recorded
+        assert codes == [0] * len(JOB_WORKERS), codes
+        assert smtp.accepted() == expected
+    with db.unit_of_work(write=False) as s:
+        ran = list(s.scalars(select(Job).where(Job.id.in_(ids))))
+        assert {(job.status, job.attempts) for job in ran} == {(JobStatus.done, 1)}
+        assert {job.locked_by for job in ran} <= set(JOB_WORKERS)
+        # Nothing else the workers ran (the periodic jobs) ran twice or was left running, and all of them stopped.
+        assert s.scalar(select(func.max(Job.attempts))) == 1
+        assert s.scalar(select(func.count()).where(Job.status.in_([JobStatus.running, JobStatus.failed]))) == 0
+        assert all(w.stopped_at is not None for w in s.scalars(select(JobWorker)))
+    print(f"e-mails per worker: {dict(Counter(job.locked_by for job in ran))}")
+
+
 @pytest.mark.slow
 @pytest.mark.xdist_group("servers")
 def test_four_processes_racing_for_slots_money_and_transitions_keep_the_invariants(
         db: Database, db_url: str, tmp_path: Path) -> None:
     lw = load_world(build_world(db))
     phases: list[Callable[[Database, str, LoadWorld], None]] = [race_for_slots, race_for_money, race_for_orders]
-    with server_process(db_url, workers=WORKERS, env=server_env(tmp_path / "results")) as server:
+    # The app processes only queue jobs; worker processes run them afterwards (d).
+    env = server_env(tmp_path / "results") | {"LABCOMMONS_JOBS_IN_PROCESS": "false"}
+    with server_process(db_url, workers=WORKERS, env=env) as server:
         # The master and at least four workers serving (a spawn start may add a resource tracker).
         assert len(server.processes()) >= WORKERS + 1, server.processes()
         try:
@@ -223,3 +318,4 @@ def test_four_processes_racing_for_slots_money_and_transitions_keep_the_invarian
     with db.unit_of_work(write=False) as s:
         # Commits from four processes at once still make one gap-free chain, with an entry for every change.
         check_everything(s)
+    drain_with_workers(db, db_url)

@@ -16,7 +16,13 @@ from sqlalchemy import delete, func, insert, select, text
 from labcommons.actor import Actor, Grant
 from labcommons.booking.models import Booking
 from labcommons.db import Base, Database
-from labcommons.reporting.models import StatDirty, StatFacilityDay, StatInstrumentDay, StatInstrumentMonth
+from labcommons.reporting.models import (
+    StatDirty,
+    StatFacilityDay,
+    StatInstrumentDay,
+    StatInstrumentMonth,
+    StatRegionDay,
+)
 
 TZ = ZoneInfo("Asia/Shanghai")
 # A fixed "today" for the figures (a Monday); the tests never depend on the machine's date.
@@ -67,7 +73,7 @@ def stat_tables(database: Database) -> dict[str, list[tuple[Any, ...]]]:
     """The statistics tables as sorted lists of rows (every column), for comparing two ways of computing them."""
     out: dict[str, list[tuple[Any, ...]]] = {}
     with database.session() as s:
-        for model in (StatInstrumentDay, StatFacilityDay, StatInstrumentMonth):
+        for model in (StatInstrumentDay, StatFacilityDay, StatInstrumentMonth, StatRegionDay):
             columns = list(model.__table__.columns)
             rows = s.execute(select(*columns)).all()
             out[model.__tablename__] = sorted(tuple(r) for r in rows)

@@ -47,7 +47,7 @@ from labcommons.db import Database
 from labcommons.identity.models import User
 from labcommons.orders.models import OrderEvent, OrderRating, OrderStatus, ServiceOrder
 from labcommons.reporting import aggregate, service
-from labcommons.reporting.models import StatDirty, StatFacilityDay, StatInstrumentDay
+from labcommons.reporting.models import StatDirty, StatFacilityDay, StatInstrumentDay, StatRegionDay
 from labcommons.reporting.service import Period, Scope, ScopeKind
 from tests.reporting.conftest import TODAY, TZ, CleanDb, core_insert_bookings, dirty_count, local, stat_tables
 
@@ -756,6 +756,7 @@ def test_metrics_equal_a_recomputation_from_the_raw_rows(clean_db: CleanDb, spec
         s.execute(delete(Booking))
         s.execute(delete(StatInstrumentDay))
         s.execute(delete(StatFacilityDay))
+        s.execute(delete(StatRegionDay))
         s.execute(delete(StatDirty))
     insert_through_orm(db, spec, ids)
     assert dirty_count(db) == 0

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, Field
 
 from labcommons.actor import Actor
-from labcommons.audit import service
+from labcommons.audit import seal, service
 from labcommons.audit.service import AuditQuery
 from labcommons.db import MAX_ID
 from labcommons.errors import InvalidInput
@@ -92,6 +92,7 @@ def list_audit_entries(
     query = AuditQuery(region_code=region, entity_type=entity_type, entity_id=entity_id, actor_id=actor_id,
                        action=action, since=_aware(since, "since"), until=_aware(until, "until"),
                        before_seq=before_seq, limit=limit)
+    seal.bring_current(db)
     with db.unit_of_work(write=False) as session:
         page = service.list_entries(session, actor, query)
     return AuditPageRead(entries=[AuditEntryRead(**vars(e)) for e in page.entries],
@@ -106,6 +107,7 @@ def verify_audit_chain(
 ) -> VerifyRead:
     """Recompute every entry's HMAC and link; report changed, missing or reordered entries."""
     anchors = [service.parse_anchor(a) for a in anchor or []]
+    seal.bring_current(db)
     with db.unit_of_work(write=False) as session:
         report = service.verify(session, actor, anchors=anchors)
     return VerifyRead(ok=report.ok, entries=report.entries, last_seq=report.last_seq, last_hash=report.last_hash,

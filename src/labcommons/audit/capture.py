@@ -9,6 +9,7 @@ processes are serialised only for the moment of their commit, and a rolled-back 
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 import hmac
 from collections.abc import Callable
@@ -20,12 +21,13 @@ from typing import Any
 
 from sqlalchemy import Table, and_, event, inspect, null, or_, select, true, update
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.orm import ORMExecuteState, Session
+from sqlalchemy.orm import Mapper, ORMExecuteState, Session
 from sqlalchemy.orm.attributes import PASSIVE_NO_INITIALIZE, get_history
 
 import labcommons.audit.models  # noqa: F401  (the tables below are looked up by name)
 from labcommons.audit import context
 from labcommons.audit.chain import GENESIS, HEAD_ID, audit_key, canonical_json, entry_hash
+from labcommons.config import get_settings
 from labcommons.db import Base, utcnow
 
 PENDING = "audit_pending"
@@ -251,8 +253,26 @@ def _collect(session: Session, obj: Any, verb_index: int) -> None:
         if not after:
             return
         changes = {"before": before, "after": after}
-    _append(session, table, spec, verb_index, _entity_id(obj, table), spec.anchor(obj), changes,
-            owner_id=getattr(obj, "user_id", None))
+    _append(session, table, spec, verb_index, _entity_id(obj, table), _loaded_place(session, spec.anchor(obj)),
+            changes, owner_id=getattr(obj, "user_id", None))
+
+
+@functools.cache
+def _instrument_mapper() -> Mapper[Any]:
+    return next(m for m in Base.registry.mappers if m.local_table is _table("instrument"))
+
+
+def _loaded_place(session: Session, anchor: Anchor) -> Anchor:
+    """An instrument anchor made direct when the instrument is loaded in the session (a booking's nearly always
+    is), which saves a lookup at commit, when the session may have let go of the object."""
+    if anchor is None or anchor[0] != "instrument":
+        return anchor
+    obj = session.identity_map.get(_instrument_mapper().identity_key_from_primary_key((anchor[1],)))
+    if obj is not None:
+        loaded = inspect(obj).dict
+        if all(k in loaded for k in ("region_code", "institution_id", "facility_id")):
+            return ("direct", loaded["region_code"], loaded["institution_id"], loaded["facility_id"])
+    return anchor
 
 
 def _after_flush(session: Session, flush_context: Any) -> None:
@@ -394,24 +414,50 @@ def _before_commit(session: Session) -> None:
     if not pending:
         return
     places = _resolve(session, pending)
-    last_seq, prev = _take_head(session, len(pending))
-    key = audit_key()
-    rows = []
-    for offset, item in enumerate(pending, start=1):
+    records = []
+    for item in pending:
         if item.anchor is None:
             region, institution, facility = None, None, None
         elif item.anchor[0] == "direct":
             region, institution, facility = item.anchor[1:4]
         else:
             region, institution, facility = places.get((item.anchor[0], item.anchor[1]), (None, None, None))
-        changes = canonical_json(item.changes)
+        records.append(dict(at=item.at, actor_id=item.actor_id, actor_kind=item.actor_kind,
+                            client_ip=item.client_ip, action=item.action, entity_type=item.entity_type,
+                            entity_id=item.entity_id, region_code=region, institution_id=institution,
+                            facility_id=facility, changes=canonical_json(item.changes)))
+    if deferred_sealing(session.get_bind().dialect.name):
+        key = audit_key()
+        session.execute(_table("audit_pending").insert(), [{**r, "mac": pending_mac(key, r)} for r in records])
+    else:
+        chain_records(session, records)
+
+
+def deferred_sealing(dialect_name: str) -> bool:
+    """Whether commits leave their entries to the sealer (settings.audit_sealing) on this database."""
+    mode = get_settings().audit_sealing
+    return mode == "deferred" or (mode == "auto" and dialect_name == "postgresql")
+
+
+def pending_mac(key: bytes, record: dict[str, Any]) -> str:
+    """The HMAC a pending record carries until it is chained (its position and predecessor are not known yet)."""
+    return entry_hash(key, "pending", 0, record["at"], record["actor_id"], record["actor_kind"],
+                      record["client_ip"], record["action"], record["entity_type"], record["entity_id"],
+                      record["region_code"], record["institution_id"], record["facility_id"], record["changes"])
+
+
+def chain_records(session: Session, records: list[dict[str, Any]]) -> None:
+    """Append records (the entry fields but seq and hashes) to the chain, taking its head until commit."""
+    last_seq, prev = _take_head(session, len(records))
+    key = audit_key()
+    rows = []
+    for offset, record in enumerate(records, start=1):
         seq = last_seq + offset
-        digest = entry_hash(key, prev, seq, item.at, item.actor_id, item.actor_kind, item.client_ip, item.action,
-                            item.entity_type, item.entity_id, region, institution, facility, changes)
-        rows.append(dict(seq=seq, at=item.at, actor_id=item.actor_id, actor_kind=item.actor_kind,
-                         client_ip=item.client_ip, action=item.action, entity_type=item.entity_type,
-                         entity_id=item.entity_id, region_code=region, institution_id=institution,
-                         facility_id=facility, changes=changes, prev_hash=prev, hash=digest))
+        digest = entry_hash(key, prev, seq, record["at"], record["actor_id"], record["actor_kind"],
+                            record["client_ip"], record["action"], record["entity_type"], record["entity_id"],
+                            record["region_code"], record["institution_id"], record["facility_id"],
+                            record["changes"])
+        rows.append({**record, "seq": seq, "prev_hash": prev, "hash": digest})
         prev = digest
     session.execute(_table("audit_entry").insert(), rows)
     head = _table("audit_head")

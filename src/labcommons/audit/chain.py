@@ -113,6 +113,10 @@ def verify(session: Session, *, anchors: list[tuple[int, str]] | None = None, ba
             progress(1)
     for seq in sorted(expected_anchor):
         problem(seq, "anchor_missing", "the published anchor's entry is not in the chain")
+    from labcommons.audit.seal import pending_problems  # seal builds on capture, which imports this module
+
+    for pending_id, detail in pending_problems(session):
+        problem(None, "pending_changed", f"pending record {pending_id}: {detail}")
     head = session.get(AuditHead, HEAD_ID)
     head_seq, head_hash = (head.seq, head.hash) if head else (0, GENESIS)
     if (head_seq, head_hash) != (report.last_seq, report.last_hash):

@@ -11,7 +11,7 @@ from rich.table import Table
 from sqlalchemy import func, select
 
 from labcommons.actor import Actor, Grant
-from labcommons.audit import service
+from labcommons.audit import seal, service
 from labcommons.audit.models import AuditEntry
 from labcommons.cli_support import console, database, err
 from labcommons.errors import DomainError
@@ -35,6 +35,7 @@ def verify(
         err.print(f"[red]{exc.message}[/red]")
         raise typer.Exit(code=2) from exc
     db = database()
+    seal.bring_current(db)
     with db.unit_of_work(write=False) as session:
         total = session.scalar(select(func.count()).select_from(AuditEntry)) or 0
         with Progress(TextColumn("verifying"), BarColumn(), MofNCompleteColumn(), console=err,
@@ -58,7 +59,9 @@ def verify(
 @app.command("head")
 def head() -> None:
     """Print the chain's head as SEQ:HASH, to publish where the database's writers cannot change it."""
-    with database().unit_of_work(write=False) as session:
+    db = database()
+    seal.bring_current(db)
+    with db.unit_of_work(write=False) as session:
         seq, digest = service.head(session)
     console.print(f"{seq}:{digest}")
 
@@ -75,7 +78,9 @@ def show(
     entity_type, _, entity_id = (entity or "").partition(":")
     query = service.AuditQuery(region_code=region, entity_type=entity_type or None, entity_id=entity_id or None,
                                action=action, limit=limit)
-    with database().unit_of_work(write=False) as session:
+    db = database()
+    seal.bring_current(db)
+    with db.unit_of_work(write=False) as session:
         page = service.list_entries(session, _OPERATOR, query)
     if as_json:
         for entry in page.entries:

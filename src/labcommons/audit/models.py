@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, Index, String, Text
+from sqlalchemy import BigInteger, Index, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from labcommons.db import Base, UTCDateTime
@@ -49,3 +49,29 @@ class AuditHead(Base):
     id: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
     seq: Mapped[int] = mapped_column(BigInteger)
     hash: Mapped[str] = mapped_column(String(64))
+
+
+class AuditPending(Base):
+    """A change recorded at its commit but not yet in the chain (deferred sealing, see audit.seal).
+
+    Appending to the one chain at every commit makes all writers queue on the head row; with deferred sealing a
+    commit only inserts here, each row carrying its own HMAC, and a sealer moves the rows into the chain in order.
+    """
+
+    __tablename__ = "audit_pending"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+                                    autoincrement=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime)
+    actor_id: Mapped[int | None] = mapped_column()
+    actor_kind: Mapped[str] = mapped_column(String(16))
+    client_ip: Mapped[str | None] = mapped_column(String(64))
+    action: Mapped[str] = mapped_column(String(64))
+    entity_type: Mapped[str] = mapped_column(String(40))
+    entity_id: Mapped[str] = mapped_column(String(80))
+    region_code: Mapped[str | None] = mapped_column(String(8))
+    institution_id: Mapped[int | None] = mapped_column()
+    facility_id: Mapped[int | None] = mapped_column()
+    changes: Mapped[str] = mapped_column(Text)
+    # HMAC of the fields above under the audit key, so a row changed before sealing is found out.
+    mac: Mapped[str] = mapped_column(String(64))

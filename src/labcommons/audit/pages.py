@@ -10,19 +10,19 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import HTMLResponse
 from sqlalchemy import select
 
-from labcommons.audit import service
+from labcommons.audit import seal, service
 from labcommons.audit.service import AuditQuery
 from labcommons.catalog.models import Region
 from labcommons.db import MAX_ID, Database
 from labcommons.errors import InvalidInput
-from labcommons.http import get_db
+from labcommons.http import request_db
 from labcommons.i18n import gettext_ as _
 from labcommons.identity import roles
 from labcommons.identity.roles import Action
 from labcommons.pages import env, render, require_actor, to_utc
 
 router = APIRouter(include_in_schema=False)
-Db = Annotated[Database, Depends(get_db)]
+Db = Annotated[Database, Depends(request_db)]
 Text = Annotated[str, Query(max_length=80)]
 
 
@@ -58,6 +58,7 @@ def audit_page(
             "action": action, "since": since, "until": until}
     error = None
     page = service.AuditPage()
+    seal.bring_current(db)
     with db.unit_of_work(write=False) as session:
         readable = service.readable_regions(actor)
         regions = [r for r in session.scalars(select(Region).order_by(Region.code))

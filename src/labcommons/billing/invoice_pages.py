@@ -12,7 +12,7 @@ from labcommons.billing.models import InvoiceStatus
 from labcommons.billing.settlement import REGION_AUTHORITY, settlement_report
 from labcommons.db import MAX_ID, Database, utcnow
 from labcommons.errors import Conflict, InvalidInput
-from labcommons.http import Id, get_db
+from labcommons.http import Id, request_db
 from labcommons.i18n import gettext_ as _
 from labcommons.identity import roles
 from labcommons.identity.roles import Action
@@ -29,7 +29,7 @@ def status_label(status: InvoiceStatus | str) -> str:
 
 
 @router.get("/billing/invoices", response_class=HTMLResponse)
-def invoices_page(request: Request, db: Annotated[Database, Depends(get_db)],
+def invoices_page(request: Request, db: Annotated[Database, Depends(request_db)],
                   account: Annotated[str, Query(max_length=20)] = "") -> HTMLResponse:
     """My invoices: those of accounts I own, administer or am a member of, optionally of one account."""
     actor = require_actor(request)
@@ -44,7 +44,7 @@ def invoices_page(request: Request, db: Annotated[Database, Depends(get_db)],
 
 
 @router.get("/billing/invoices/{invoice_id}", response_class=HTMLResponse)
-def invoice_page(invoice_id: Id, request: Request, db: Annotated[Database, Depends(get_db)]) -> HTMLResponse:
+def invoice_page(invoice_id: Id, request: Request, db: Annotated[Database, Depends(request_db)]) -> HTMLResponse:
     """One invoice: its lines and totals, downloads, and "mark paid" for the paying institution's administrator."""
     actor = require_actor(request)
     with db.unit_of_work(write=False) as session:
@@ -57,7 +57,7 @@ def invoice_page(invoice_id: Id, request: Request, db: Annotated[Database, Depen
 
 
 @router.post("/billing/invoices/{invoice_id}/pay")
-def pay_invoice_page(invoice_id: Id, request: Request, db: Annotated[Database, Depends(get_db)],
+def pay_invoice_page(invoice_id: Id, request: Request, db: Annotated[Database, Depends(request_db)],
                      csrf_token: Annotated[str, Form()] = "") -> Response:
     """Mark the invoice paid; back to it with a flash."""
     actor = require_actor(request)
@@ -74,7 +74,7 @@ def pay_invoice_page(invoice_id: Id, request: Request, db: Annotated[Database, D
 
 
 @router.get("/billing/settlement", response_class=HTMLResponse)
-def settlement_page(request: Request, db: Annotated[Database, Depends(get_db)],
+def settlement_page(request: Request, db: Annotated[Database, Depends(request_db)],
                     period: Annotated[str, Query(max_length=20)] = "") -> HTMLResponse:
     """The settlement report of a month (the last one that ended, unless chosen) with its downloads."""
     actor = require_actor(request)

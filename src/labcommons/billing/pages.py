@@ -29,7 +29,7 @@ from labcommons.catalog import service as catalog
 from labcommons.catalog.models import Facility, Institution, Instrument, Service
 from labcommons.db import MAX_ID, Database
 from labcommons.errors import Conflict, DomainError, Forbidden, InvalidInput, NotFound
-from labcommons.http import Id, get_db, page_actor
+from labcommons.http import Id, page_actor, request_db
 from labcommons.i18n import gettext_ as _
 from labcommons.identity import roles
 from labcommons.identity import service as identity
@@ -39,7 +39,7 @@ from labcommons.orders.service import facility_today, user_names
 from labcommons.pages import N_, check_csrf, env, redirect, render, require_actor, yuan
 
 router = APIRouter(include_in_schema=False)
-Db = Annotated[Database, Depends(get_db)]
+Db = Annotated[Database, Depends(request_db)]
 
 CATEGORY_LABELS = {
     PayerCategory.internal: N_("Own institution"), PayerCategory.academic_region: N_("Academic, same region"),

@@ -15,7 +15,7 @@ from labcommons.billing.models import CardStatus, EntitlementKind, TalentEntitle
 from labcommons.catalog.models import Region
 from labcommons.db import Database
 from labcommons.errors import Conflict, DomainError, InvalidInput, NotFound
-from labcommons.http import Id, get_db
+from labcommons.http import Id, request_db
 from labcommons.i18n import gettext_ as _
 from labcommons.identity import roles
 from labcommons.identity.roles import Action
@@ -23,7 +23,7 @@ from labcommons.orders.pages import parse_day, parse_int
 from labcommons.pages import N_, check_csrf, env, redirect, render, require_actor
 
 router = APIRouter(include_in_schema=False)
-Db = Annotated[Database, Depends(get_db)]
+Db = Annotated[Database, Depends(request_db)]
 
 CARD_STATUS_LABELS = {CardStatus.pending: N_("Awaiting verification"), CardStatus.verified: N_("Verified"),
                       CardStatus.rejected: N_("Rejected"), CardStatus.revoked: N_("Revoked by the issuing region")}

@@ -15,7 +15,7 @@ from labcommons.booking.models import BookingStatus
 from labcommons.booking.schemas import AvailabilityRead, BookingCreate, BookingPage, BookingRead, SlotList, SlotRead
 from labcommons.catalog.service import InstrumentQuery
 from labcommons.db import Database, utcnow
-from labcommons.http import Id, Instant, get_db, idempotent_post, link, require_scope
+from labcommons.http import Id, Instant, idempotent_post, link, request_db, require_scope
 from labcommons.idempotency import Outcome
 
 router = APIRouter(tags=["booking"])
@@ -37,7 +37,7 @@ BOOKING_LINKS = {
 @router.get("/instruments/{instrument_id}/availability", response_model=AvailabilityRead, responses=ERRORS)
 def instrument_availability(
     instrument_id: Id,
-    db: Annotated[Database, Depends(get_db)],
+    db: Annotated[Database, Depends(request_db)],
     from_: Annotated[Instant, Query(alias="from")],
     to: Instant,
 ) -> AvailabilityRead:
@@ -48,7 +48,7 @@ def instrument_availability(
 
 @router.get("/slots/earliest", response_model=SlotList, responses=ERRORS)
 def earliest_slot(
-    db: Annotated[Database, Depends(get_db)],
+    db: Annotated[Database, Depends(request_db)],
     duration_minutes: Annotated[int, Query(ge=1, le=44640)],
     q: Annotated[str, Query(max_length=200)] = "",
     category: Annotated[str | None, Query(max_length=32)] = None,
@@ -71,7 +71,7 @@ def create_booking(
     body: BookingCreate,
     request: Request,
     actor: Annotated[Actor, Depends(require_scope("bookings:write"))],
-    db: Annotated[Database, Depends(get_db)],
+    db: Annotated[Database, Depends(request_db)],
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> JSONResponse:
     """Book time on an instrument. 409 `overlapping_booking` when taken; retries with one Idempotency-Key are safe."""
@@ -89,7 +89,7 @@ def create_booking(
 @router.get("/bookings", response_model=BookingPage, responses=ERRORS)
 def list_my_bookings(
     actor: Annotated[Actor, Depends(require_scope("bookings:read"))],
-    db: Annotated[Database, Depends(get_db)],
+    db: Annotated[Database, Depends(request_db)],
     status: BookingStatus | None = None,
     period: service.BookingPeriod = service.BookingPeriod.all,
     limit: Annotated[int, Query(ge=1, le=100)] = 50,
@@ -107,7 +107,7 @@ def list_my_bookings(
 def get_booking(
     booking_id: Id,
     actor: Annotated[Actor, Depends(require_scope("bookings:read"))],
-    db: Annotated[Database, Depends(get_db)],
+    db: Annotated[Database, Depends(request_db)],
 ) -> BookingRead:
     """One of the caller's bookings; anyone else's is 404."""
     with db.unit_of_work(write=False) as session:
@@ -119,7 +119,7 @@ def cancel_booking(
     booking_id: Id,
     request: Request,
     actor: Annotated[Actor, Depends(require_scope("bookings:write"))],
-    db: Annotated[Database, Depends(get_db)],
+    db: Annotated[Database, Depends(request_db)],
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> JSONResponse:
     """Cancel one of the caller's bookings; its time becomes free at once."""

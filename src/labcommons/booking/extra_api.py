@@ -14,7 +14,7 @@ from labcommons.booking import maintenance, recurrence, waitlist
 from labcommons.booking.models import Booking, WaitlistEntry, WaitlistStatus
 from labcommons.booking.schemas import BookingRead
 from labcommons.db import MAX_ID, Database
-from labcommons.http import Id, Instant, get_db, link, require_scope
+from labcommons.http import Id, Instant, link, request_db, require_scope
 
 router = APIRouter(tags=["booking"])
 
@@ -74,7 +74,7 @@ class MaintenanceList(BaseModel):
 def list_maintenance(
     instrument_id: Id,
     actor: Annotated[Actor, Depends(require_scope("admin"))],
-    db: Annotated[Database, Depends(get_db)],
+    db: Annotated[Database, Depends(request_db)],
 ) -> MaintenanceList:
     """Maintenance blocks of an instrument that have not ended (facility staff)."""
     with db.unit_of_work(write=False) as session:
@@ -88,7 +88,7 @@ def create_maintenance(
     instrument_id: Id,
     body: MaintenanceCreate,
     actor: Annotated[Actor, Depends(require_scope("admin"))],
-    db: Annotated[Database, Depends(get_db)],
+    db: Annotated[Database, Depends(request_db)],
 ) -> MaintenanceCreated:
     """Block time for maintenance. 409 `displaces_bookings` lists the bookings in the way unless `confirm` is true;
     confirmed, they are cancelled with the reason and their owners notified."""
@@ -109,7 +109,7 @@ def delete_maintenance(
     instrument_id: Id,
     block_id: Id,
     actor: Annotated[Actor, Depends(require_scope("admin"))],
-    db: Annotated[Database, Depends(get_db)],
+    db: Annotated[Database, Depends(request_db)],
 ) -> MaintenanceRead:
     """Lift a maintenance block; its time becomes bookable again."""
     with db.unit_of_work() as session:
@@ -165,7 +165,7 @@ class SeriesRead(BaseModel):
 def create_series(
     body: SeriesCreate,
     actor: Annotated[Actor, Depends(require_scope("bookings:write"))],
-    db: Annotated[Database, Depends(get_db)],
+    db: Annotated[Database, Depends(request_db)],
 ) -> JSONResponse:
     """Book a recurring series (RFC 5545 RRULE with COUNT or UNTIL; at most 52 occurrences within a year).
 
@@ -207,7 +207,7 @@ class SeriesCancelRead(BaseModel):
 def cancel_series(
     series_id: Id,
     actor: Annotated[Actor, Depends(require_scope("bookings:write"))],
-    db: Annotated[Database, Depends(get_db)],
+    db: Annotated[Database, Depends(request_db)],
 ) -> SeriesCancelRead:
     """Cancel every occurrence of the caller's series that has not ended, each like a single booking; those that
     cannot be cancelled (past the cancellation deadline, checked in) are left and listed in `skipped` with why."""
@@ -260,7 +260,7 @@ class WaitlistList(BaseModel):
 def join_waitlist(
     body: WaitlistCreate,
     actor: Annotated[Actor, Depends(require_scope("bookings:write"))],
-    db: Annotated[Database, Depends(get_db)],
+    db: Annotated[Database, Depends(request_db)],
 ) -> WaitlistRead:
     """Wait for a taken interval; 409 `slot_is_free` when it is free (book it instead)."""
     with db.unit_of_work() as session:
@@ -271,7 +271,7 @@ def join_waitlist(
 @router.get("/waitlist", response_model=WaitlistList, responses=ERRORS)
 def list_waitlist(
     actor: Annotated[Actor, Depends(require_scope("bookings:read"))],
-    db: Annotated[Database, Depends(get_db)],
+    db: Annotated[Database, Depends(request_db)],
 ) -> WaitlistList:
     """The caller's waitlist entries, open ones first."""
     with db.unit_of_work(write=False) as session:
@@ -282,7 +282,7 @@ def list_waitlist(
 def accept_offer(
     entry_id: Id,
     actor: Annotated[Actor, Depends(require_scope("bookings:write"))],
-    db: Annotated[Database, Depends(get_db)],
+    db: Annotated[Database, Depends(request_db)],
     account_id: Annotated[int | None, Query(gt=0, le=MAX_ID, description="Funding account to charge")] = None,
 ) -> BookingRead:
     """Book the time a live offer names; 409 `slot_taken` if someone booked it first, `offer_not_live` if it ran out."""
@@ -294,7 +294,7 @@ def accept_offer(
 def withdraw_entry(
     entry_id: Id,
     actor: Annotated[Actor, Depends(require_scope("bookings:write"))],
-    db: Annotated[Database, Depends(get_db)],
+    db: Annotated[Database, Depends(request_db)],
 ) -> WaitlistRead:
     """Leave the waitlist; an offer held passes to the next waiter."""
     with db.unit_of_work() as session:

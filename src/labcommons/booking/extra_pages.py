@@ -19,7 +19,7 @@ from labcommons.catalog.models import Instrument
 from labcommons.catalog.pages import render_instrument_page
 from labcommons.db import Database, utcnow
 from labcommons.errors import Conflict, InvalidInput
-from labcommons.http import get_db
+from labcommons.http import request_db
 from labcommons.i18n import gettext_ as _
 from labcommons.identity.roles import Action, FacilityRef, authorize
 from labcommons.pages import (
@@ -95,7 +95,9 @@ def _maintenance_page(
 
 
 @router.get("/manage/instruments/{instrument_id}/maintenance", response_class=HTMLResponse)
-def maintenance_page(instrument_id: int, request: Request, db: Annotated[Database, Depends(get_db)]) -> HTMLResponse:
+def maintenance_page(
+    instrument_id: int, request: Request, db: Annotated[Database, Depends(request_db)]
+) -> HTMLResponse:
     """The instrument's upcoming maintenance blocks and a form to add one (facility staff)."""
     actor = require_actor(request)
     return _maintenance_page(request, db, actor, instrument_id)
@@ -105,7 +107,7 @@ def maintenance_page(instrument_id: int, request: Request, db: Annotated[Databas
 def add_maintenance(
     instrument_id: int,
     request: Request,
-    db: Annotated[Database, Depends(get_db)],
+    db: Annotated[Database, Depends(request_db)],
     csrf_token: Annotated[str, Form()] = "",
     start: Annotated[str, Form(max_length=40)] = "",
     end: Annotated[str, Form(max_length=40)] = "",
@@ -146,7 +148,7 @@ def lift_maintenance(
     instrument_id: int,
     block_id: int,
     request: Request,
-    db: Annotated[Database, Depends(get_db)],
+    db: Annotated[Database, Depends(request_db)],
     csrf_token: Annotated[str, Form()] = "",
 ) -> Response:
     """Lift a block (Post/Redirect/Get)."""
@@ -186,7 +188,7 @@ def _series_rule(request: Request, repeat: str, count: str, until: str) -> str:
 def book_series(
     instrument_id: int,
     request: Request,
-    db: Annotated[Database, Depends(get_db)],
+    db: Annotated[Database, Depends(request_db)],
     csrf_token: Annotated[str, Form()] = "",
     date_: Annotated[str, Form(alias="date", max_length=10)] = "",
     start: Annotated[str, Form(max_length=8)] = "",
@@ -234,7 +236,7 @@ def book_series(
 def cancel_series(
     series_id: int,
     request: Request,
-    db: Annotated[Database, Depends(get_db)],
+    db: Annotated[Database, Depends(request_db)],
     csrf_token: Annotated[str, Form()] = "",
 ) -> Response:
     """Cancel the rest of one of the user's series and go back to the list (Post/Redirect/Get)."""
@@ -257,7 +259,7 @@ def cancel_series(
 def join_waitlist(
     instrument_id: int,
     request: Request,
-    db: Annotated[Database, Depends(get_db)],
+    db: Annotated[Database, Depends(request_db)],
     csrf_token: Annotated[str, Form()] = "",
     date_: Annotated[str, Form(alias="date", max_length=10)] = "",
     start: Annotated[str, Form(max_length=8)] = "",
@@ -294,7 +296,7 @@ def waitlist_status_label(status: str) -> str:
 
 
 @router.get("/waitlist", response_class=HTMLResponse)
-def waitlist_page(request: Request, db: Annotated[Database, Depends(get_db)]) -> HTMLResponse:
+def waitlist_page(request: Request, db: Annotated[Database, Depends(request_db)]) -> HTMLResponse:
     """The user's waitlist entries, with Accept for live offers and Withdraw for open entries."""
     actor = require_actor(request)
     now = utcnow()
@@ -308,7 +310,7 @@ def waitlist_page(request: Request, db: Annotated[Database, Depends(get_db)]) ->
 
 @router.post("/waitlist/{entry_id}/accept", response_model=None)
 def accept_offer(
-    entry_id: int, request: Request, db: Annotated[Database, Depends(get_db)],
+    entry_id: int, request: Request, db: Annotated[Database, Depends(request_db)],
     csrf_token: Annotated[str, Form()] = "", account_id: Annotated[str, Form(max_length=20)] = "",
 ) -> Response:
     """Book the offered time, or say clearly why it cannot be booked any more."""
@@ -325,7 +327,7 @@ def accept_offer(
 
 @router.post("/waitlist/{entry_id}/withdraw", response_model=None)
 def withdraw_entry(
-    entry_id: int, request: Request, db: Annotated[Database, Depends(get_db)],
+    entry_id: int, request: Request, db: Annotated[Database, Depends(request_db)],
     csrf_token: Annotated[str, Form()] = "",
 ) -> Response:
     """Leave the waitlist (Post/Redirect/Get)."""

@@ -19,7 +19,7 @@ from labcommons.booking.schemas import BookingRead
 from labcommons.catalog import service as catalog
 from labcommons.catalog.models import Instrument, OpenTo
 from labcommons.db import Database
-from labcommons.http import Id, Instant, get_db, require_scope
+from labcommons.http import Id, Instant, request_db, require_scope
 
 router = APIRouter(tags=["management"])
 
@@ -160,7 +160,7 @@ class QualificationList(BaseModel):
 
 
 @router.get("/instruments/{instrument_id}/policy", response_model=PolicyRead, responses=ERRORS)
-def get_policy(instrument_id: Id, db: Annotated[Database, Depends(get_db)]) -> PolicyRead:
+def get_policy(instrument_id: Id, db: Annotated[Database, Depends(request_db)]) -> PolicyRead:
     """An instrument's booking rules (defaults when its manager has set none)."""
     with db.unit_of_work(write=False) as session:
         instrument = catalog.get_instrument(session, instrument_id)
@@ -169,7 +169,7 @@ def get_policy(instrument_id: Id, db: Annotated[Database, Depends(get_db)]) -> P
 
 @router.put("/instruments/{instrument_id}/policy", response_model=PolicyRead, responses=ERRORS)
 def put_policy(
-    instrument_id: Id, body: PolicyUpdate, actor: Admin, db: Annotated[Database, Depends(get_db)]
+    instrument_id: Id, body: PolicyUpdate, actor: Admin, db: Annotated[Database, Depends(request_db)]
 ) -> PolicyRead:
     """Change an instrument's booking rules; needs edit_facility_catalogue on its facility."""
     with db.unit_of_work() as session:
@@ -178,14 +178,14 @@ def put_policy(
 
 
 @router.get("/manage/approvals", response_model=PendingList, responses=ERRORS)
-def list_approvals(actor: Admin, db: Annotated[Database, Depends(get_db)]) -> PendingList:
+def list_approvals(actor: Admin, db: Annotated[Database, Depends(request_db)]) -> PendingList:
     """Pending bookings of the facilities the caller manages, oldest request first."""
     with db.unit_of_work(write=False) as session:
         return PendingList(items=[PendingBookingRead.of_pending(b) for b in approvals.pending_for(session, actor)])
 
 
 @router.post("/bookings/{booking_id}/approve", response_model=DecidedBookingRead, responses=ERRORS)
-def approve_booking(booking_id: Id, actor: Admin, db: Annotated[Database, Depends(get_db)]) -> DecidedBookingRead:
+def approve_booking(booking_id: Id, actor: Admin, db: Annotated[Database, Depends(request_db)]) -> DecidedBookingRead:
     """Confirm a pending booking of a facility the caller manages."""
     with db.unit_of_work() as session:
         return DecidedBookingRead.of_decided(approvals.approve(session, actor, booking_id))
@@ -193,7 +193,7 @@ def approve_booking(booking_id: Id, actor: Admin, db: Annotated[Database, Depend
 
 @router.post("/bookings/{booking_id}/decline", response_model=DecidedBookingRead, responses=ERRORS)
 def decline_booking(
-    booking_id: Id, body: DeclineBody, actor: Admin, db: Annotated[Database, Depends(get_db)]
+    booking_id: Id, body: DeclineBody, actor: Admin, db: Annotated[Database, Depends(request_db)]
 ) -> DecidedBookingRead:
     """Decline a pending booking with a reason the user is told; its time becomes free."""
     with db.unit_of_work() as session:
@@ -202,7 +202,7 @@ def decline_booking(
 
 @router.get("/instruments/{instrument_id}/qualifications", response_model=QualificationList, responses=ERRORS)
 def list_qualifications(
-    instrument_id: Id, actor: Admin, db: Annotated[Database, Depends(get_db)]
+    instrument_id: Id, actor: Admin, db: Annotated[Database, Depends(request_db)]
 ) -> QualificationList:
     """Qualifications reaching an instrument (its own and its categories'), newest first."""
     with db.unit_of_work(write=False) as session:
@@ -213,7 +213,7 @@ def list_qualifications(
 @router.post("/instruments/{instrument_id}/qualifications", status_code=201, response_model=QualificationRead,
              responses=ERRORS)
 def grant_qualification(
-    instrument_id: Id, body: QualificationCreate, actor: Admin, db: Annotated[Database, Depends(get_db)]
+    instrument_id: Id, body: QualificationCreate, actor: Admin, db: Annotated[Database, Depends(request_db)]
 ) -> QualificationRead:
     """Record that a user is trained on this instrument (or, with category_code, on a whole category)."""
     with db.unit_of_work() as session:
@@ -226,7 +226,7 @@ def grant_qualification(
 
 
 @router.delete("/qualifications/{qualification_id}", status_code=204, responses=ERRORS)
-def revoke_qualification(qualification_id: Id, actor: Admin, db: Annotated[Database, Depends(get_db)]) -> Response:
+def revoke_qualification(qualification_id: Id, actor: Admin, db: Annotated[Database, Depends(request_db)]) -> Response:
     """Withdraw a qualification."""
     with db.unit_of_work() as session:
         qualifications.revoke(session, actor, qualification_id)

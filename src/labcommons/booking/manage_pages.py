@@ -14,7 +14,7 @@ from labcommons.booking.models import Booking, BookingPolicy, QualificationLevel
 from labcommons.catalog.models import Instrument, OpenTo
 from labcommons.db import Database, utcnow
 from labcommons.errors import Conflict, DomainError, InvalidInput
-from labcommons.http import get_db
+from labcommons.http import request_db
 from labcommons.i18n import gettext_ as _
 from labcommons.identity import roles
 from labcommons.identity.roles import Action
@@ -119,14 +119,14 @@ def _approvals_page(request: Request, db: Database, actor: Actor, status_code: i
 
 
 @router.get("/manage/approvals", response_class=HTMLResponse)
-def approvals_page(request: Request, db: Annotated[Database, Depends(get_db)]) -> HTMLResponse:
+def approvals_page(request: Request, db: Annotated[Database, Depends(request_db)]) -> HTMLResponse:
     """Pending bookings of the facilities the user runs, oldest request first, with approve and decline forms."""
     return _approvals_page(request, db, require_actor(request))
 
 
 @router.post("/manage/approvals/{booking_id}/approve", response_model=None)
 def approve(
-    booking_id: int, request: Request, db: Annotated[Database, Depends(get_db)],
+    booking_id: int, request: Request, db: Annotated[Database, Depends(request_db)],
     csrf_token: Annotated[str, Form()] = "",
 ) -> Response:
     """Confirm a pending booking and return to the queue."""
@@ -145,7 +145,7 @@ def approve(
 
 @router.post("/manage/approvals/{booking_id}/decline", response_model=None)
 def decline(
-    booking_id: int, request: Request, db: Annotated[Database, Depends(get_db)],
+    booking_id: int, request: Request, db: Annotated[Database, Depends(request_db)],
     csrf_token: Annotated[str, Form()] = "", reason: Annotated[str, Form()] = "",
 ) -> Response:
     """Decline a pending booking with a reason; the queue again with the problem if the reason is missing."""
@@ -200,7 +200,7 @@ def _open_to_label(value: OpenTo) -> str:
 
 
 @router.get("/manage/instruments/{instrument_id}/rules", response_class=HTMLResponse)
-def rules_page(instrument_id: int, request: Request, db: Annotated[Database, Depends(get_db)]) -> HTMLResponse:
+def rules_page(instrument_id: int, request: Request, db: Annotated[Database, Depends(request_db)]) -> HTMLResponse:
     """The rules editor of one instrument."""
     actor = require_actor(request)
     with db.unit_of_work(write=False) as session:
@@ -215,7 +215,7 @@ async def _form_text(request: Request) -> dict[str, str]:
 
 @router.post("/manage/instruments/{instrument_id}/rules", response_model=None)
 def save_rules(
-    instrument_id: int, request: Request, db: Annotated[Database, Depends(get_db)],
+    instrument_id: int, request: Request, db: Annotated[Database, Depends(request_db)],
     text: Annotated[dict[str, str], Depends(_form_text)],
 ) -> Response:
     """Save the rules; the form again with the problem named, or back to it with a flash."""
@@ -274,7 +274,7 @@ def _level_label(level: QualificationLevel | str) -> str:
 
 @router.get("/manage/instruments/{instrument_id}/qualifications", response_class=HTMLResponse)
 def qualifications_page(
-    instrument_id: int, request: Request, db: Annotated[Database, Depends(get_db)]
+    instrument_id: int, request: Request, db: Annotated[Database, Depends(request_db)]
 ) -> HTMLResponse:
     """Who is trained on an instrument, a form to grant a qualification, and revoke buttons."""
     return _qualifications_page(request, db, require_actor(request), instrument_id)
@@ -282,7 +282,7 @@ def qualifications_page(
 
 @router.post("/manage/instruments/{instrument_id}/qualifications", response_model=None)
 def grant_qualification(
-    instrument_id: int, request: Request, db: Annotated[Database, Depends(get_db)],
+    instrument_id: int, request: Request, db: Annotated[Database, Depends(request_db)],
     csrf_token: Annotated[str, Form()] = "", email: Annotated[str, Form()] = "",
     level: Annotated[str, Form()] = "independent", expires: Annotated[str, Form()] = "",
     note: Annotated[str, Form()] = "", category: Annotated[str, Form(max_length=100)] = "",
@@ -330,7 +330,7 @@ def grant_qualification(
 
 @router.post("/manage/qualifications/{qualification_id}/revoke", response_model=None)
 def revoke_qualification(
-    qualification_id: int, request: Request, db: Annotated[Database, Depends(get_db)],
+    qualification_id: int, request: Request, db: Annotated[Database, Depends(request_db)],
     csrf_token: Annotated[str, Form()] = "", instrument_id: Annotated[str, Form()] = "",
 ) -> Response:
     """Revoke a qualification and return to the instrument's qualifications."""

@@ -17,7 +17,7 @@ from labcommons.booking.schemas import BookingCreate
 from labcommons.catalog.pages import render_instrument_page
 from labcommons.db import Database, utcnow
 from labcommons.errors import Conflict, DomainError, InvalidInput
-from labcommons.http import get_db, page_actor
+from labcommons.http import page_actor, request_db
 from labcommons.i18n import gettext_ as _
 from labcommons.pages import check_csrf, localized, redirect, render, require_actor, to_utc, user_zone
 
@@ -100,7 +100,7 @@ def _when(request: Request, booking: Booking) -> str:
 def book(
     instrument_id: int,
     request: Request,
-    db: Annotated[Database, Depends(get_db)],
+    db: Annotated[Database, Depends(request_db)],
     csrf_token: Annotated[str, Form()] = "",
     date_: Annotated[str, Form(alias="date")] = "",
     start: Annotated[str, Form()] = "",
@@ -162,7 +162,7 @@ def booking_status_label(status: BookingStatus | str) -> str:
 
 
 @router.get("/bookings", response_class=HTMLResponse)
-def my_bookings(request: Request, db: Annotated[Database, Depends(get_db)]) -> HTMLResponse:
+def my_bookings(request: Request, db: Annotated[Database, Depends(request_db)]) -> HTMLResponse:
     """The signed-in user's bookings: upcoming soonest first, then the past, newest first."""
     actor = require_actor(request)
     now = utcnow()
@@ -182,7 +182,7 @@ def my_bookings(request: Request, db: Annotated[Database, Depends(get_db)]) -> H
 def cancel(
     booking_id: int,
     request: Request,
-    db: Annotated[Database, Depends(get_db)],
+    db: Annotated[Database, Depends(request_db)],
     csrf_token: Annotated[str, Form()] = "",
 ) -> Response:
     """Cancel one of the user's bookings and go back to the list (Post/Redirect/Get)."""

@@ -329,15 +329,18 @@ def _overlap(a0: datetime, a1: datetime, b0: datetime, b1: datetime) -> timedelt
 
 def check_policy(
     session: Session, actor: Actor, instrument: Instrument, starts_at: datetime, ends_at: datetime, *,
-    now: datetime, exclude_booking_id: int | None = None,
+    now: datetime, exclude_booking_id: int | None = None, rules: BookingPolicy | None = None,
 ) -> None:
-    """Raise a domain error naming the rule a new booking of [starts_at, ends_at) breaks."""
-    policy = policy_for(session, instrument.id)
+    """Raise a domain error naming the rule a new booking of [starts_at, ends_at) breaks (`rules`: the
+    instrument's policy when the caller has it already)."""
+    policy = rules if rules is not None else policy_for(session, instrument.id)
     zone = _zone(policy.timezone)
     staff = is_facility_staff(actor, instrument)
-    # A verified talent card recognised in the instrument's region opens the calendar further ahead.
-    horizon = policy.horizon_days + talent.priority_days(session, actor.user_id, instrument.region_code,
-                                                         now.astimezone(zone).date())
+    horizon = policy.horizon_days
+    if starts_at - now > timedelta(days=horizon):
+        # A verified talent card recognised in the instrument's region opens the calendar further ahead (looked up
+        # only when the plain horizon is passed: most bookings never need it).
+        horizon += talent.priority_days(session, actor.user_id, instrument.region_code, now.astimezone(zone).date())
     if starts_at - now > timedelta(days=horizon):
         raise InvalidInput(f"Bookings may start at most {horizon} days ahead.", field="starts_at",
                            code="beyond_horizon", horizon_days=horizon)
@@ -345,7 +348,8 @@ def check_policy(
         raise InvalidInput(f"Bookings need {policy.min_notice_minutes} minutes' notice.", field="starts_at",
                            code="too_short_notice", min_notice_minutes=policy.min_notice_minutes)
     if not staff:
-        level = live_qualification_level(session, actor.user_id, instrument, now=now)
+        level = (live_qualification_level(session, actor.user_id, instrument, now=now)
+                 if policy.requires_qualification else None)
         if policy.requires_qualification and level is None:
             raise InvalidInput("This instrument needs training: you hold no valid qualification for it.",
                                field="instrument_id", code="qualification_required")
@@ -394,9 +398,10 @@ def _check_weekly_quota(
             )
 
 
-def initial_status(session: Session, actor: Actor, instrument: Instrument) -> BookingStatus:
+def initial_status(session: Session, actor: Actor, instrument: Instrument, *,
+                   rules: BookingPolicy | None = None) -> BookingStatus:
     """pending when the instrument's bookings need approval (except the facility's own staff), else confirmed."""
-    policy = policy_for(session, instrument.id)
+    policy = rules if rules is not None else policy_for(session, instrument.id)
     if policy.requires_approval and not is_facility_staff(actor, instrument):
         return BookingStatus.pending
     return BookingStatus.confirmed

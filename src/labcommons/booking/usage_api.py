@@ -13,7 +13,7 @@ from labcommons.booking import usage
 from labcommons.booking.models import Booking, InstrumentToken
 from labcommons.db import MAX_ID, Database, utcnow
 from labcommons.errors import InvalidInput, Unauthenticated
-from labcommons.http import get_db
+from labcommons.http import request_db
 from labcommons.identity import service as identity
 
 router = APIRouter(prefix="/instrument-usage", tags=["instrument usage"])
@@ -76,7 +76,7 @@ def instrument_secret(request: Request) -> str:
 
 
 Secret = Annotated[str, Depends(instrument_secret)]
-Db = Annotated[Database, Depends(get_db)]
+Db = Annotated[Database, Depends(request_db)]
 
 
 def _booking_of(session: Session, token: InstrumentToken, body: UsageRequest, *, check_out: bool, now: datetime

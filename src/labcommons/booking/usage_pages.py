@@ -14,7 +14,7 @@ from labcommons.catalog import service as catalog
 from labcommons.config import get_settings
 from labcommons.db import Database, utcnow
 from labcommons.errors import Conflict, DomainError, InvalidInput
-from labcommons.http import get_db
+from labcommons.http import request_db
 from labcommons.i18n import gettext_ as _
 from labcommons.pages import check_csrf, csrf_for, env, localized, redirect, render, require_actor, safe_next
 
@@ -40,7 +40,7 @@ def usage_error_message(exc: DomainError) -> str:
 
 
 @router.get("/kiosk/{instrument_id}", include_in_schema=False, response_model=None)
-def kiosk(instrument_id: int, request: Request, db: Annotated[Database, Depends(get_db)]) -> Response:
+def kiosk(instrument_id: int, request: Request, db: Annotated[Database, Depends(request_db)]) -> Response:
     """The instrument's kiosk: who is booked now and next, with check-in and check-out buttons."""
     actor = require_actor(request)
     now = utcnow()
@@ -78,7 +78,7 @@ def _usage_post(
 
 @router.post("/kiosk/{instrument_id}/check-in", include_in_schema=False, response_model=None)
 def kiosk_check_in(
-    instrument_id: int, request: Request, db: Annotated[Database, Depends(get_db)],
+    instrument_id: int, request: Request, db: Annotated[Database, Depends(request_db)],
     csrf_token: Annotated[str, Form()] = "", booking_id: Annotated[int, Form()] = 0,
     next_: Annotated[str, Form(alias="next")] = "",
 ) -> Response:
@@ -90,7 +90,7 @@ def kiosk_check_in(
 
 @router.post("/kiosk/{instrument_id}/check-out", include_in_schema=False, response_model=None)
 def kiosk_check_out(
-    instrument_id: int, request: Request, db: Annotated[Database, Depends(get_db)],
+    instrument_id: int, request: Request, db: Annotated[Database, Depends(request_db)],
     csrf_token: Annotated[str, Form()] = "", booking_id: Annotated[int, Form()] = 0,
     next_: Annotated[str, Form(alias="next")] = "",
 ) -> Response:
@@ -104,7 +104,7 @@ def kiosk_check_out(
 
 
 @router.get("/calendar/{token}.ics", include_in_schema=False, response_model=None)
-def calendar_feed(token: str, db: Annotated[Database, Depends(get_db)]) -> Response:
+def calendar_feed(token: str, db: Annotated[Database, Depends(request_db)]) -> Response:
     """The iCalendar document of a secret feed address; 404 for an unknown or revoked one."""
     with db.unit_of_work(write=False) as session:
         body = calendar.render_feed(session, calendar.feed_for_token(session, token))
@@ -129,7 +129,7 @@ def _calendars_page(
 
 
 @router.get(CALENDARS, include_in_schema=False, response_model=None)
-def calendars(request: Request, db: Annotated[Database, Depends(get_db)]) -> Response:
+def calendars(request: Request, db: Annotated[Database, Depends(request_db)]) -> Response:
     """The user's calendar feeds; a feed just created shows its address once."""
     require_actor(request)
     carried = request.cookies.get(NEW_FEED_COOKIE)
@@ -147,7 +147,7 @@ def calendars(request: Request, db: Annotated[Database, Depends(get_db)]) -> Res
 
 @router.post(CALENDARS, include_in_schema=False, response_model=None)
 def create_calendar(
-    request: Request, db: Annotated[Database, Depends(get_db)], csrf_token: Annotated[str, Form()] = "",
+    request: Request, db: Annotated[Database, Depends(request_db)], csrf_token: Annotated[str, Form()] = "",
     kind: Annotated[str, Form(max_length=20)] = "mine", instrument: Annotated[str, Form(max_length=60)] = "",
 ) -> Response:
     """Create a feed of the user's bookings or of an instrument (Post/Redirect/Get)."""
@@ -170,7 +170,8 @@ def create_calendar(
 
 @router.post(CALENDARS + "/{feed_id}/revoke", include_in_schema=False, response_model=None)
 def revoke_calendar(
-    feed_id: int, request: Request, db: Annotated[Database, Depends(get_db)], csrf_token: Annotated[str, Form()] = "",
+    feed_id: int, request: Request, db: Annotated[Database, Depends(request_db)],
+    csrf_token: Annotated[str, Form()] = "",
 ) -> Response:
     """Revoke a feed: its address stops working."""
     actor = require_actor(request)

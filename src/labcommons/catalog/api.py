@@ -24,7 +24,7 @@ from labcommons.catalog.schemas import (
     ServiceUpdate,
 )
 from labcommons.db import Database
-from labcommons.http import Id, Instant, get_db, idempotent_post, require_scope
+from labcommons.http import Id, Instant, idempotent_post, request_db, require_scope
 from labcommons.idempotency import Outcome
 
 router = APIRouter(tags=["catalogue"])
@@ -41,7 +41,7 @@ Admin = Annotated[Actor, Depends(require_scope("admin"))]
 
 @router.get("/instruments", response_model=InstrumentPage)
 def search_instruments(
-    db: Annotated[Database, Depends(get_db)],
+    db: Annotated[Database, Depends(request_db)],
     q: Annotated[str, Query(max_length=200, description="Keywords in Chinese or English")] = "",
     region: Annotated[str | None, Query(max_length=16)] = None,
     category: Annotated[
@@ -71,7 +71,7 @@ def search_instruments(
 
 
 @router.get("/instruments/{instrument_id}", response_model=InstrumentRead)
-def get_instrument(instrument_id: Id, db: Annotated[Database, Depends(get_db)]) -> InstrumentRead:
+def get_instrument(instrument_id: Id, db: Annotated[Database, Depends(request_db)]) -> InstrumentRead:
     """One instrument with its facility, booking rules and descriptions."""
     with db.unit_of_work(write=False) as session:
         return InstrumentRead.of(service.get_instrument(session, instrument_id))
@@ -79,7 +79,7 @@ def get_instrument(instrument_id: Id, db: Annotated[Database, Depends(get_db)]) 
 
 @router.get("/services", response_model=ServicePage, responses=ERRORS)
 def search_services(
-    db: Annotated[Database, Depends(get_db)],
+    db: Annotated[Database, Depends(request_db)],
     q: Annotated[str, Query(max_length=200, description="Keywords in Chinese or English")] = "",
     kind: ServiceKind | None = None,
     region: Annotated[str | None, Query(max_length=16)] = None,
@@ -112,7 +112,7 @@ def search_services(
 
 
 @router.get("/services/{service_id}", response_model=ServiceRead, responses=ERRORS)
-def get_service(service_id: Id, db: Annotated[Database, Depends(get_db)]) -> ServiceRead:
+def get_service(service_id: Id, db: Annotated[Database, Depends(request_db)]) -> ServiceRead:
     """One service: prices, turnaround, sample requirements, accreditations, instruments used, rating."""
     with db.unit_of_work(write=False) as session:
         return ServiceRead.of_detail(service.get_service(session, service_id))
@@ -123,7 +123,7 @@ def create_service(
     body: ServiceCreate,
     request: Request,
     actor: Admin,
-    db: Annotated[Database, Depends(get_db)],
+    db: Annotated[Database, Depends(request_db)],
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> JSONResponse:
     """Add a service to a facility the caller manages (edit_facility_catalogue); retries with one
@@ -143,7 +143,7 @@ def create_service(
 
 @router.patch("/services/{service_id}", response_model=ServiceRead, responses=ERRORS)
 def update_service(
-    service_id: Id, body: ServiceUpdate, actor: Admin, db: Annotated[Database, Depends(get_db)]
+    service_id: Id, body: ServiceUpdate, actor: Admin, db: Annotated[Database, Depends(request_db)]
 ) -> ServiceRead:
     """Change a service; only the fields sent change. Deactivate with is_active false (services are never
     deleted: orders refer to them)."""
@@ -156,13 +156,13 @@ def update_service(
 
 
 @router.get("/categories", response_model=list[Named])
-def list_categories(db: Annotated[Database, Depends(get_db)]) -> list[Named]:
+def list_categories(db: Annotated[Database, Depends(request_db)]) -> list[Named]:
     """The instrument taxonomy."""
     with db.unit_of_work(write=False) as session:
         return [Named(code=c.code, name_zh=c.name_zh, name_en=c.name_en) for c in service.list_categories(session)]
 
 
 @router.get("/regions", response_model=list[Named])
-def list_regions(db: Annotated[Database, Depends(get_db)]) -> list[Named]:
+def list_regions(db: Annotated[Database, Depends(request_db)]) -> list[Named]:
     with db.unit_of_work(write=False) as session:
         return [Named(code=r.code, name_zh=r.name_zh, name_en=r.name_en) for r in service.list_regions(session)]

@@ -99,6 +99,8 @@ class Instrument(Base):
             "min_booking_minutes > 0 AND min_booking_minutes <= max_booking_minutes", name="booking_bounds"
         ),
         Index("ix_instrument_category_status", "category_code", "status"),
+        # The earliest free slot walks each grid in id order (booking.service.earliest_slots).
+        Index("ix_instrument_slot_id", "slot_minutes", "id"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)

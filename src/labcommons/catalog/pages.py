@@ -16,7 +16,7 @@ from labcommons.catalog import service
 from labcommons.catalog.models import Instrument, InstrumentStatus, OpenTo, PriceUnit, ServiceKind
 from labcommons.db import Database, utcnow
 from labcommons.errors import InvalidInput
-from labcommons.http import get_db, page_actor
+from labcommons.http import page_actor, request_db
 from labcommons.i18n import gettext_ as _
 from labcommons.i18n import ngettext_ as ngettext
 from labcommons.pages import is_htmx, parse_local_datetime, render, user_zone, yuan
@@ -98,7 +98,7 @@ def _search_message(exc: InvalidInput) -> str:
 @router.get("/", response_class=HTMLResponse)
 def home(
     request: Request,
-    db: Annotated[Database, Depends(get_db)],
+    db: Annotated[Database, Depends(request_db)],
     q: str = "",
     kind: Annotated[str | None, Query(max_length=20)] = None,
     region: Annotated[str | None, Query(max_length=16)] = None,
@@ -329,7 +329,7 @@ def render_instrument_page(
 def instrument_page(
     instrument_id: int,
     request: Request,
-    db: Annotated[Database, Depends(get_db)],
+    db: Annotated[Database, Depends(request_db)],
     week: Annotated[str | None, Query(max_length=10)] = None,
     date_: Annotated[str, Query(alias="date", max_length=10)] = "",
     start: Annotated[str, Query(max_length=5)] = "",

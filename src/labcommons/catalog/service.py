@@ -11,6 +11,7 @@ from typing import Any
 from sqlalchemy import (
     ColumnElement,
     Double,
+    Select,
     and_,
     cast,
     delete,
@@ -21,6 +22,7 @@ from sqlalchemy import (
     text,
     true,
 )
+from sqlalchemy.engine import ScalarResult
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, joinedload
 
@@ -67,6 +69,14 @@ class FacetValue:
     label_zh: str
     label_en: str
     count: int
+    # True when the dimension had more than FACET_CAP matching rows: `count` is then only how many of the first
+    # FACET_CAP + 1 rows found have this value, a lower bound shown as "n+".
+    capped: bool = False
+
+
+# Facets count at most this many matching rows per dimension (plus one, to know there are more): counting every
+# match of a broad query over a million instruments took seconds.
+FACET_CAP = 1000
 
 
 @dataclass
@@ -140,8 +150,12 @@ def _check_instrument_rules(instrument: Instrument) -> None:
 # Reading
 
 
-def get_instrument(session: Session, instrument_id: int) -> Instrument:
-    """One instrument with its facility, institution, region and category loaded; NotFound if absent."""
+def get_instrument(session: Session, instrument_id: int, *, lock: bool = False, related: bool = True) -> Instrument:
+    """One instrument, with its facility, institution, region and category loaded unless `related` is off (they
+    then load when touched); NotFound if absent.
+
+    `lock` also takes the instrument's row lock until commit (PostgreSQL; SQLite writers are serialised anyway)."""
+    for_update = lock and session.get_bind().dialect.name == "postgresql"
     instrument = session.get(
         Instrument,
         instrument_id,
@@ -150,7 +164,9 @@ def get_instrument(session: Session, instrument_id: int) -> Instrument:
             joinedload(Instrument.institution),
             joinedload(Instrument.region),
             joinedload(Instrument.category),
-        ],
+        ] if related else [],
+        with_for_update={"of": Instrument} if for_update else None,
+        populate_existing=for_update,
     )
     if instrument is None:
         raise NotFound(f"Instrument {instrument_id} does not exist.", field="instrument_id")
@@ -173,13 +189,23 @@ def category_clause(column: Any, code: str) -> ColumnElement[bool]:
     return or_(column == code, column.like(code.replace("%", r"\%").replace("_", r"\_") + ".%", escape="\\"))
 
 
+@dataclass(frozen=True)
+class TextMatch:
+    """The rows of a model matching a text query: a subquery to join (or None), conditions, and a rank."""
+
+    join: Any | None
+    where: list[ColumnElement[bool]]
+    rank: ColumnElement[Any]
+
+
 def text_match(
     session: Session, q: str, model: type[Instrument] | type[Service] = Instrument
-) -> tuple[Any, Any] | None:
-    """A subquery of (id, rank) for the rows of `model` matching `q`, lower rank is better; None for no terms.
+) -> TextMatch | None:
+    """How to keep the rows of `model` matching `q` and rank them (lower rank is better); None for no terms.
 
     Instruments and services share the scheme: SQLite has an FTS5 table `<table>_fts` kept by triggers,
-    PostgreSQL a generated `<table>.search_vector` (name weighted A, body B) with a GIN index.
+    PostgreSQL a generated `<table>.search_vector` (name weighted A, body B) with a GIN index, tested and
+    ranked on the row itself (no self-join, so a LIMIT or other filters apply to the same scan).
     """
     terms = query_terms(q)
     if not terms:
@@ -189,13 +215,8 @@ def text_match(
         tsquery = " & ".join(f"'{token}'" + (":*" if prefix else "") for token, prefix in terms)
         query = func.to_tsquery(literal_column("'simple'"), tsquery)
         vector: ColumnElement[Any] = literal_column(f"{table}.search_vector")
-        sub = (
-            # ts_rank is a float4; as float8 its text form round-trips exactly, which keyset cursors need.
-            select(model.id.label("id"), (-cast(func.ts_rank(vector, query), Double)).label("rank"))
-            .where(vector.op("@@")(query))
-            .subquery("fts")
-        )
-        return sub, sub.c.rank
+        # ts_rank is a float4; as float8 its text form round-trips exactly, which keyset cursors need.
+        return TextMatch(None, [vector.op("@@")(query)], -cast(func.ts_rank(vector, query), Double))
     match = " ".join(f'"{token}"' + ("*" if prefix else "") for token, prefix in terms)
     sub = (
         select(
@@ -206,7 +227,34 @@ def text_match(
         .where(text(f"{table}_fts MATCH :fts_query").bindparams(fts_query=match))
         .subquery("fts")
     )
-    return sub, sub.c.rank
+    return TextMatch(sub, [], sub.c.rank)
+
+
+def text_condition(
+    session: Session, q: str, model: type[Instrument] | type[Service] = Instrument, *, drive: bool = True
+) -> ColumnElement[bool] | None:
+    """A WHERE clause keeping the rows of `model` that match `q`, unranked; None when `q` has no terms.
+
+    Cheaper than joining `text_match` when no rank is needed: on PostgreSQL the planner can test the match
+    row by row while it walks another index in order and stops at a LIMIT. `drive=False` keeps SQLite from
+    starting a join at the matching ids (it would, whatever their number): the match is then only checked.
+    """
+    terms = query_terms(q)
+    if not terms:
+        return None
+    table = model.__tablename__  # a class attribute, never user input
+    if session.get_bind().dialect.name == "postgresql":
+        tsquery = " & ".join(f"'{token}'" + (":*" if prefix else "") for token, prefix in terms)
+        vector: ColumnElement[Any] = literal_column(f"{table}.search_vector")
+        return vector.op("@@")(func.to_tsquery(literal_column("'simple'"), tsquery))
+    match = " ".join(f'"{token}"' + ("*" if prefix else "") for token, prefix in terms)
+    matching_ids: Select[tuple[Any]] = (
+        select(literal_column("rowid"))
+        .select_from(text(f"{table}_fts"))
+        .where(text(f"{table}_fts MATCH :fts_query").bindparams(fts_query=match))
+    )
+    # `id + 0` is no longer the rowid, so SQLite cannot look rows up by the list and tests each row against it.
+    return (model.id if drive else model.id + 0).in_(matching_ids)
 
 
 def instrument_filters(query: InstrumentQuery, *, skip: str | None = None) -> list[ColumnElement[bool]]:
@@ -244,15 +292,19 @@ def _validate(query: InstrumentQuery) -> None:
         raise InvalidInput("The search text is too long (200 characters at most).", field="q")
 
 
-def _matching(stmt: Any, model: type[Instrument] | type[Service], match: tuple[Any, Any] | None) -> Any:
-    """`stmt` over `model` kept to the rows matching the text (`text_match`'s subquery), if any text was given."""
-    return stmt if match is None else stmt.join(match[0], match[0].c.id == model.id)
+def _matching(stmt: Any, model: type[Instrument] | type[Service], match: TextMatch | None) -> Any:
+    """`stmt` over `model` kept to the rows matching the text (see `text_match`), if any text was given."""
+    if match is None:
+        return stmt
+    if match.join is not None:
+        stmt = stmt.join(match.join, match.join.c.id == model.id)
+    return stmt.where(*match.where)
 
 
 def _ranked_page(
     session: Session,
     model: type[Instrument] | type[Service],
-    match: tuple[Any, Any] | None,
+    match: TextMatch | None,
     where: Sequence[ColumnElement[bool]],
     *,
     limit: int,
@@ -260,26 +312,37 @@ def _ranked_page(
     options: Sequence[Any],
 ) -> tuple[list[Any], str | None, dict[int, float]]:
     """One page of `model` rows: best text rank first then by id (by id alone without text), keyset-paged; the
-    rows, the cursor of the next page and each row's rank."""
-    rank = match[1] if match is not None else None
-    stmt = _matching(select(model, literal_column("0.0") if rank is None else rank), model, match).where(*where)
+    rows, the cursor of the next page and each row's rank.
+
+    The page is chosen on (id, rank) alone and only its rows are then loaded with their relations: joining
+    those for every match before the LIMIT cost as much as the ranking itself.
+    """
+    rank = match.rank if match is not None else None
+    stmt = _matching(select(model.id, literal_column("0.0") if rank is None else rank), model, match).where(*where)
     if cursor:
         last_rank, last_id = decode_keyset(cursor, ranked=rank is not None)
         stmt = stmt.where(model.id > last_id if rank is None
                           else or_(rank > last_rank, and_(rank == last_rank, model.id > last_id)))
     order = [model.id] if rank is None else [rank, model.id]
-    rows = session.execute(stmt.order_by(*order).limit(limit + 1).options(*options)).unique().all()
-    has_more = len(rows) > limit
-    rows = rows[:limit]
+    keys = session.execute(stmt.order_by(*order).limit(limit + 1)).all()
+    has_more = len(keys) > limit
+    keys = keys[:limit]
+    loaded: dict[int, Any] = {}
+    if keys:
+        page_rows: ScalarResult[Any] = session.scalars(
+            select(model).where(model.id.in_([key[0] for key in keys])).options(*options)
+        )
+        loaded = {row.id: row for row in page_rows.unique()}
+    rows = [loaded[key[0]] for key in keys]
     next_cursor = None
-    if has_more and rows:
-        last, last_rank = rows[-1]
-        next_cursor = encode_cursor([last.id] if rank is None else [float(last_rank), last.id])
-    return [r[0] for r in rows], next_cursor, {r[0].id: float(r[1]) for r in rows}
+    if has_more and keys:
+        last_id, last_rank = keys[-1]
+        next_cursor = encode_cursor([last_id] if rank is None else [float(last_rank), last_id])
+    return rows, next_cursor, {key[0]: float(key[1]) for key in keys}
 
 
 def _grouped_counts(
-    session: Session, model: type[Instrument] | type[Service], match: tuple[Any, Any] | None,
+    session: Session, model: type[Instrument] | type[Service], match: TextMatch | None,
     where: Sequence[ColumnElement[bool]], column: Any,
 ) -> list[tuple[Any, int]]:
     """How many rows of `model` matching the text and `where` have each value of `column` (for facets)."""
@@ -309,48 +372,61 @@ def search_instruments(
 
 
 def facet_counts(session: Session, query: InstrumentQuery) -> dict[str, list[FacetValue]]:
-    """Counts by region, institution, category and status; each dimension ignores its own filter."""
+    """Counts by region, institution, category and status; each dimension ignores its own filter.
+
+    Each dimension reads at most FACET_CAP + 1 matching rows; when there are more, its counts are lower bounds
+    marked `capped`.
+    """
     _validate(query)
-    match = text_match(session, query.q)
-
-    def grouped(column: Any, skip: str) -> list[tuple[Any, int]]:
-        return _grouped_counts(session, Instrument, match, instrument_filters(query, skip=skip), column)
-
-    region_facet = _region_facet(session, grouped(Instrument.region_code, "region"))
-    institution_facet = _institution_facet(session, grouped(Instrument.institution_id, "institution"))
-    category_facet = _category_facet(session, grouped(Instrument.category_code, "category"))
-    status_counts = grouped(Instrument.status, "status")
+    matches_text = [] if (condition := text_condition(session, query.q)) is None else [condition]
+    counts: dict[str, tuple[list[tuple[Any, int]], bool]] = {}
+    for dim, column in (("region", Instrument.region_code), ("institution", Instrument.institution_id),
+                        ("category", Instrument.category_code), ("status", Instrument.status)):
+        sample = (
+            select(column.label("value")).where(*matches_text, *instrument_filters(query, skip=dim), true())
+            .limit(FACET_CAP + 1).subquery("sample")
+        )
+        grouped = [(value, int(n)) for value, n in session.execute(
+            select(sample.c.value, func.count()).group_by(sample.c.value)
+        )]
+        counts[dim] = (grouped, sum(n for _, n in grouped) > FACET_CAP)
     status_labels = {"active": ("可预约", "Active"), "maintenance": ("维护中", "Maintenance"),
                      "retired": ("已退役", "Retired")}
+    status_counts, status_capped = counts["status"]
     return {
-        "region": region_facet,
-        "institution": institution_facet,
-        "category": category_facet,
+        "region": _region_facet(session, counts["region"][0], capped=counts["region"][1]),
+        "institution": _institution_facet(session, counts["institution"][0], capped=counts["institution"][1]),
+        "category": _category_facet(session, counts["category"][0], capped=counts["category"][1]),
         "status": [
-            FacetValue(str(s), *status_labels[str(s)], n) for s, n in sorted(status_counts, key=lambda x: -x[1])
+            FacetValue(str(s), *status_labels[str(s)], n, status_capped)
+            for s, n in sorted(status_counts, key=lambda x: (-x[1], str(x[0])))
         ],
     }
 
 
-def _region_facet(session: Session, counts: Iterable[tuple[Any, int]]) -> list[FacetValue]:
+def _region_facet(session: Session, counts: Iterable[tuple[Any, int]], *, capped: bool = False) -> list[FacetValue]:
     regions = {r.code: r for r in session.scalars(select(Region))}
     return [
-        FacetValue(code, regions[code].name_zh, regions[code].name_en, n)
-        for code, n in sorted(counts, key=lambda x: -x[1])
+        FacetValue(code, regions[code].name_zh, regions[code].name_en, n, capped)
+        for code, n in sorted(counts, key=lambda x: (-x[1], str(x[0])))
         if code in regions
     ]
 
 
-def _institution_facet(session: Session, counts: Iterable[tuple[Any, int]]) -> list[FacetValue]:
+def _institution_facet(
+    session: Session, counts: Iterable[tuple[Any, int]], *, capped: bool = False
+) -> list[FacetValue]:
     by_id = {i: n for i, n in counts if i is not None}
     institutions = session.scalars(select(Institution).where(Institution.id.in_(by_id))).all()
     return sorted(
-        (FacetValue(i.code, i.name_zh, i.name_en, by_id[i.id]) for i in institutions),
+        (FacetValue(i.code, i.name_zh, i.name_en, by_id[i.id], capped) for i in institutions),
         key=lambda f: (-f.count, f.value),
     )
 
 
-def _category_facet(session: Session, leaf_counts: Iterable[tuple[str, int]]) -> list[FacetValue]:
+def _category_facet(
+    session: Session, leaf_counts: Iterable[tuple[str, int]], *, capped: bool = False
+) -> list[FacetValue]:
     """Counts per category code, each parent counting its children (GEN counts GEN.SEQ), in code order."""
     categories = {c.code: c for c in session.scalars(select(Category))}
     totals: dict[str, int] = {}
@@ -360,7 +436,7 @@ def _category_facet(session: Session, leaf_counts: Iterable[tuple[str, int]]) ->
             key = ".".join(parts[:depth])
             totals[key] = totals.get(key, 0) + count
     return [
-        FacetValue(code, categories[code].name_zh, categories[code].name_en, totals[code])
+        FacetValue(code, categories[code].name_zh, categories[code].name_en, totals[code], capped)
         for code in sorted(totals)
         if code in categories
     ]

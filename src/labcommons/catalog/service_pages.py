@@ -14,7 +14,7 @@ from labcommons.catalog.models import PriceUnit, Service, ServiceKind
 from labcommons.catalog.pages import kind_label, price_text, rating_text, turnaround_text
 from labcommons.db import Database, utcnow
 from labcommons.errors import Conflict, DomainError, InvalidInput
-from labcommons.http import Id, get_db, page_actor
+from labcommons.http import Id, page_actor, request_db
 from labcommons.i18n import gettext_ as _
 from labcommons.identity import roles
 from labcommons.identity.roles import Action, FacilityRef
@@ -83,7 +83,7 @@ def _unit_choices() -> list[tuple[str, str]]:
 
 
 @router.get("/services/{service_id}", response_class=HTMLResponse)
-def service_page(service_id: Id, request: Request, db: Annotated[Database, Depends(get_db)]) -> HTMLResponse:
+def service_page(service_id: Id, request: Request, db: Annotated[Database, Depends(request_db)]) -> HTMLResponse:
     """What a customer needs to decide: description, samples, price, turnaround, accreditations, instruments,
     ratings, and the button to order it."""
     with db.unit_of_work(write=False) as session:
@@ -176,14 +176,14 @@ def _list_page(request: Request, db: Database, actor: Actor, status_code: int = 
 
 
 @router.get("/manage/services", response_class=HTMLResponse)
-def manage_services(request: Request, db: Annotated[Database, Depends(get_db)]) -> HTMLResponse:
+def manage_services(request: Request, db: Annotated[Database, Depends(request_db)]) -> HTMLResponse:
     """The services of the facilities the user manages, and a form to add one."""
     return _list_page(request, db, require_actor(request))
 
 
 @router.post("/manage/services", response_model=None)
 def create_service(
-    request: Request, db: Annotated[Database, Depends(get_db)], form: Annotated[dict[str, Any], Depends(_posted)]
+    request: Request, db: Annotated[Database, Depends(request_db)], form: Annotated[dict[str, Any], Depends(_posted)]
 ) -> Response:
     """Add a service (Post/Redirect/Get); the form again with the problem named."""
     actor = require_actor(request)
@@ -218,14 +218,14 @@ def _edit_page(request: Request, db: Database, actor: Actor, service_id: int, st
 
 
 @router.get("/manage/services/{service_id}", response_class=HTMLResponse)
-def edit_service(service_id: Id, request: Request, db: Annotated[Database, Depends(get_db)]) -> HTMLResponse:
+def edit_service(service_id: Id, request: Request, db: Annotated[Database, Depends(request_db)]) -> HTMLResponse:
     """The edit form of one service, with its accreditations and the instruments it uses."""
     return _edit_page(request, db, require_actor(request), service_id)
 
 
 @router.post("/manage/services/{service_id}", response_model=None)
 def save_service(
-    service_id: Id, request: Request, db: Annotated[Database, Depends(get_db)],
+    service_id: Id, request: Request, db: Annotated[Database, Depends(request_db)],
     form: Annotated[dict[str, Any], Depends(_posted)],
 ) -> Response:
     """Save a service (Post/Redirect/Get); the form again with the problem named."""

@@ -12,7 +12,7 @@ from labcommons.actor import Actor
 from labcommons.catalog.schemas import Named
 from labcommons.db import Database, utcnow
 from labcommons.errors import InvalidInput
-from labcommons.http import Id, Instant, InsufficientScope, get_db, require_scope
+from labcommons.http import Id, Instant, InsufficientScope, request_db, require_scope
 from labcommons.identity import roles, service
 from labcommons.identity.models import ApiToken
 
@@ -79,7 +79,7 @@ class TokenList(BaseModel):
 
 @router.get("", response_model=MeRead, responses=ERRORS)
 def me(
-    actor: Annotated[Actor, Depends(require_scope("account"))], db: Annotated[Database, Depends(get_db)]
+    actor: Annotated[Actor, Depends(require_scope("account"))], db: Annotated[Database, Depends(request_db)]
 ) -> MeRead:
     """Who the caller is: profile, home region, institution and roles."""
     with db.unit_of_work(write=False) as session:
@@ -97,7 +97,7 @@ def me(
 
 @router.get("/tokens", response_model=TokenList, responses=ERRORS)
 def list_tokens(
-    actor: Annotated[Actor, Depends(require_scope("account"))], db: Annotated[Database, Depends(get_db)]
+    actor: Annotated[Actor, Depends(require_scope("account"))], db: Annotated[Database, Depends(request_db)]
 ) -> TokenList:
     """The caller's API tokens that are not revoked (the tokens themselves are never shown again)."""
     with db.unit_of_work(write=False) as session:
@@ -108,7 +108,7 @@ def list_tokens(
 def create_token(
     body: TokenCreate,
     actor: Annotated[Actor, Depends(require_scope("account"))],
-    db: Annotated[Database, Depends(get_db)],
+    db: Annotated[Database, Depends(request_db)],
 ) -> TokenCreated:
     """Create an API token with scopes and an expiry; the response is the only time the token is shown."""
     if actor.scopes is not None:
@@ -140,7 +140,7 @@ def create_token(
 def revoke_token(
     token_id: Id,
     actor: Annotated[Actor, Depends(require_scope("account"))],
-    db: Annotated[Database, Depends(get_db)],
+    db: Annotated[Database, Depends(request_db)],
 ) -> None:
     """Revoke one of the caller's tokens; anyone else's is 404."""
     with db.unit_of_work() as session:

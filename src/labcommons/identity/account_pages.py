@@ -13,7 +13,7 @@ from labcommons.actor import Actor
 from labcommons.config import get_settings
 from labcommons.db import Database, utcnow
 from labcommons.errors import InvalidInput
-from labcommons.http import get_db
+from labcommons.http import request_db
 from labcommons.i18n import gettext_ as _
 from labcommons.identity import roles, service
 from labcommons.identity.account_api import router as account_api
@@ -62,7 +62,7 @@ def _account_page(request: Request, actor: Actor, db: Database, status_code: int
 
 
 @router.get("/account", include_in_schema=False, response_model=None)
-def account(request: Request, db: Annotated[Database, Depends(get_db)]) -> Response:
+def account(request: Request, db: Annotated[Database, Depends(request_db)]) -> Response:
     """The signed-in user's account page."""
     actor = require_actor(request)
     carried = request.cookies.get(NEW_TOKEN_COOKIE)
@@ -82,7 +82,7 @@ def account(request: Request, db: Annotated[Database, Depends(get_db)]) -> Respo
 @router.post("/account/tokens", include_in_schema=False, response_model=None)
 def create_token(
     request: Request,
-    db: Annotated[Database, Depends(get_db)],
+    db: Annotated[Database, Depends(request_db)],
     csrf_token: Annotated[str, Form()] = "",
     name: Annotated[str, Form(max_length=100)] = "",
     scopes: Annotated[list[str] | None, Form()] = None,
@@ -121,7 +121,7 @@ def create_token(
 
 @router.post("/account/tokens/{token_id}/revoke", include_in_schema=False, response_model=None)
 def revoke_token(
-    token_id: int, request: Request, db: Annotated[Database, Depends(get_db)],
+    token_id: int, request: Request, db: Annotated[Database, Depends(request_db)],
     csrf_token: Annotated[str, Form()] = "",
 ) -> Response:
     """Revoke one of the user's tokens."""
@@ -135,7 +135,7 @@ def revoke_token(
 
 @router.post("/account/logout-everywhere", include_in_schema=False, response_model=None)
 def logout_everywhere(
-    request: Request, db: Annotated[Database, Depends(get_db)], csrf_token: Annotated[str, Form()] = ""
+    request: Request, db: Annotated[Database, Depends(request_db)], csrf_token: Annotated[str, Form()] = ""
 ) -> Response:
     """End every browser session of the user, this one included, and go to the sign-in page."""
     actor = require_actor(request)

@@ -10,7 +10,7 @@ from fastapi.responses import Response
 from labcommons.actor import Actor
 from labcommons.db import Database
 from labcommons.errors import Conflict, DomainError, Forbidden, InvalidInput, NotFound
-from labcommons.http import get_db
+from labcommons.http import request_db
 from labcommons.i18n import gettext_ as _
 from labcommons.identity import roles, service
 from labcommons.identity.models import Role
@@ -70,7 +70,7 @@ def _roles_page(request: Request, actor: Actor, db: Database, status_code: int =
 
 
 @router.get("/admin/roles", response_model=None)
-def roles_page(request: Request, db: Annotated[Database, Depends(get_db)]) -> Response:
+def roles_page(request: Request, db: Annotated[Database, Depends(request_db)]) -> Response:
     """The grants the actor administers, a form to grant a role, and revoke buttons."""
     return _roles_page(request, _admin(request), db)
 
@@ -94,7 +94,7 @@ def _grant_error(exc: DomainError) -> str:
 @router.post("/admin/roles", response_model=None)
 def grant(
     request: Request,
-    db: Annotated[Database, Depends(get_db)],
+    db: Annotated[Database, Depends(request_db)],
     csrf_token: Annotated[str, Form()] = "",
     email: Annotated[str, Form(max_length=254)] = "",
     role: Annotated[str, Form(max_length=40)] = "",
@@ -129,7 +129,7 @@ def grant(
 
 @router.post("/admin/roles/{grant_id}/revoke", response_model=None)
 def revoke(
-    grant_id: int, request: Request, db: Annotated[Database, Depends(get_db)],
+    grant_id: int, request: Request, db: Annotated[Database, Depends(request_db)],
     csrf_token: Annotated[str, Form()] = "",
 ) -> Response:
     """Revoke a grant the actor administers; any other is 404."""

@@ -10,7 +10,7 @@ from fastapi.responses import Response
 from labcommons.config import get_settings
 from labcommons.db import Database
 from labcommons.errors import Conflict, DomainError, InvalidInput, NotFound
-from labcommons.http import SESSION_COOKIE, get_db
+from labcommons.http import SESSION_COOKIE, get_db, request_db
 from labcommons.i18n import gettext_ as _
 from labcommons.identity import federation, roles, service
 from labcommons.identity.federation import SignInRefused
@@ -54,7 +54,7 @@ def _start(request: Request, db: Database, name: str, next_path: str, link_user_
 def start_login(
     request: Request,
     name: str,
-    db: Annotated[Database, Depends(get_db)],
+    db: Annotated[Database, Depends(request_db)],
     csrf_token: Annotated[str, Form()] = "",
     next_: Annotated[str, Form(alias="next", max_length=2000)] = "/",
 ) -> Response:
@@ -67,7 +67,7 @@ def start_login(
 def start_link(
     request: Request,
     name: str,
-    db: Annotated[Database, Depends(get_db)],
+    db: Annotated[Database, Depends(request_db)],
     csrf_token: Annotated[str, Form()] = "",
     next_: Annotated[str, Form(alias="next", max_length=2000)] = "/account",
 ) -> Response:
@@ -81,7 +81,7 @@ def start_link(
 def callback(
     request: Request,
     name: str,
-    db: Annotated[Database, Depends(get_db)],
+    db: Annotated[Database, Depends(request_db)],
     state: Annotated[str, Query(max_length=500)] = "",
     code: Annotated[str, Query(max_length=2000)] = "",
     error: Annotated[str, Query(max_length=200)] = "",
@@ -122,7 +122,7 @@ def callback(
 def unlink(
     request: Request,
     identity_id: int,
-    db: Annotated[Database, Depends(get_db)],
+    db: Annotated[Database, Depends(request_db)],
     csrf_token: Annotated[str, Form()] = "",
     next_: Annotated[str, Form(alias="next", max_length=2000)] = "/account",
 ) -> Response:
@@ -159,7 +159,7 @@ def admin_providers(request: Request) -> Response:
 @router.post("/admin/providers", response_model=None)
 def admin_add_provider(
     request: Request,
-    db: Annotated[Database, Depends(get_db)],
+    db: Annotated[Database, Depends(request_db)],
     csrf_token: Annotated[str, Form()] = "",
     name: Annotated[str, Form(max_length=40)] = "",
     region: Annotated[str, Form(max_length=16)] = "",
@@ -192,7 +192,7 @@ def admin_add_provider(
 def admin_set_enabled(
     request: Request,
     name: str,
-    db: Annotated[Database, Depends(get_db)],
+    db: Annotated[Database, Depends(request_db)],
     csrf_token: Annotated[str, Form()] = "",
     enabled: Annotated[bool, Form()] = False,
 ) -> Response:
@@ -208,7 +208,7 @@ def admin_set_enabled(
 def admin_set_trusted(
     request: Request,
     name: str,
-    db: Annotated[Database, Depends(get_db)],
+    db: Annotated[Database, Depends(request_db)],
     csrf_token: Annotated[str, Form()] = "",
     trusted: Annotated[bool, Form()] = False,
 ) -> Response:

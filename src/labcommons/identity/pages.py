@@ -10,7 +10,7 @@ from fastapi.responses import Response
 from labcommons.config import get_settings
 from labcommons.db import Database
 from labcommons.errors import InvalidInput, NotFound, TooManyAttempts, Unauthenticated
-from labcommons.http import SESSION_COOKIE, get_db, page_actor
+from labcommons.http import SESSION_COOKIE, get_db, page_actor, request_db
 from labcommons.i18n import gettext_ as _
 from labcommons.i18n import ngettext_ as ngettext
 from labcommons.identity import federation, passwords, service
@@ -83,7 +83,7 @@ def _too_many(exc: TooManyAttempts) -> str:
 @router.post("/login", response_model=None)
 def login(
     request: Request,
-    db: Annotated[Database, Depends(get_db)],
+    db: Annotated[Database, Depends(request_db)],
     csrf_token: Annotated[str, Form()] = "",
     email: Annotated[str, Form(max_length=254)] = "",
     password: Annotated[str, Form(max_length=1000)] = "",
@@ -119,7 +119,7 @@ def login(
 
 @router.post("/logout", response_model=None)
 def logout(
-    request: Request, db: Annotated[Database, Depends(get_db)], csrf_token: Annotated[str, Form()] = ""
+    request: Request, db: Annotated[Database, Depends(request_db)], csrf_token: Annotated[str, Form()] = ""
 ) -> Response:
     """End the browser session (POST with a CSRF token, so no other site can sign the user out)."""
     check_csrf(request, csrf_token)
@@ -151,7 +151,7 @@ def forgot_form(request: Request) -> Response:
 @router.post("/password/forgot", response_model=None)
 def forgot(
     request: Request,
-    db: Annotated[Database, Depends(get_db)],
+    db: Annotated[Database, Depends(request_db)],
     csrf_token: Annotated[str, Form()] = "",
     email: Annotated[str, Form(max_length=254)] = "",
 ) -> Response:
@@ -195,7 +195,7 @@ def _reset_page(request: Request, token: str, status_code: int = 200, **context:
 
 
 @router.get("/password/reset/{token}", response_model=None)
-def reset_form(request: Request, db: Annotated[Database, Depends(get_db)], token: TokenPath) -> Response:
+def reset_form(request: Request, db: Annotated[Database, Depends(request_db)], token: TokenPath) -> Response:
     """The new-password form of a live link, or the page saying the link no longer works."""
     _require_local_login()
     try:
@@ -210,7 +210,7 @@ def reset_form(request: Request, db: Annotated[Database, Depends(get_db)], token
 @router.post("/password/reset/{token}", response_model=None)
 def reset(
     request: Request,
-    db: Annotated[Database, Depends(get_db)],
+    db: Annotated[Database, Depends(request_db)],
     token: TokenPath,
     csrf_token: Annotated[str, Form()] = "",
     password: Annotated[str, Form(max_length=1000)] = "",

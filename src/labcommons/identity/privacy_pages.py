@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse, Response
 from labcommons.actor import Actor
 from labcommons.db import Database
 from labcommons.errors import InvalidInput
-from labcommons.http import get_db
+from labcommons.http import request_db
 from labcommons.i18n import gettext_ as _
 from labcommons.identity import privacy, roles
 from labcommons.identity.pages import clear_session_cookie
@@ -18,7 +18,7 @@ from labcommons.identity.roles import Action
 from labcommons.pages import N_, check_csrf, render, require_actor
 
 router = APIRouter(include_in_schema=False)
-Db = Annotated[Database, Depends(get_db)]
+Db = Annotated[Database, Depends(request_db)]
 
 PAGE = "/account/privacy"
 

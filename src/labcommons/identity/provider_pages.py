@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from labcommons.db import Database
 from labcommons.errors import InvalidInput, Unauthenticated
-from labcommons.http import SESSION_COOKIE, get_db, page_actor
+from labcommons.http import SESSION_COOKIE, page_actor, request_db
 from labcommons.i18n import gettext_ as _
 from labcommons.identity import provider
 from labcommons.identity.roles import require_platform_admin
@@ -45,7 +45,7 @@ def openid_configuration() -> JSONResponse:
 
 
 @router.get("/oidc/jwks")
-def jwks(db: Annotated[Database, Depends(get_db)]) -> JSONResponse:
+def jwks(db: Annotated[Database, Depends(request_db)]) -> JSONResponse:
     # Generated on first need inside a write transaction, so a fresh platform publishes a key before signing.
     with db.unit_of_work() as session:
         provider.signing_key(session)
@@ -101,14 +101,14 @@ AUTHORIZE_PARAMS = ("client_id", "redirect_uri", "response_type", "scope", "stat
 
 
 @router.get("/oidc/authorize", response_model=None)
-def authorize(request: Request, db: Annotated[Database, Depends(get_db)]) -> Response:
+def authorize(request: Request, db: Annotated[Database, Depends(request_db)]) -> Response:
     """Start a sign-in for a member system: consent if needed, then back to it with a code."""
     params = {k: request.query_params[k] for k in AUTHORIZE_PARAMS if k in request.query_params}
     return _authorize(request, db, params)
 
 
 @router.post("/oidc/authorize", response_model=None)
-async def authorize_decision(request: Request, db: Annotated[Database, Depends(get_db)]) -> Response:
+async def authorize_decision(request: Request, db: Annotated[Database, Depends(request_db)]) -> Response:
     """The consent form: Allow remembers the consent and issues a code, Deny answers access_denied."""
     form = await request.form()
     check_csrf(request, str(form.get("csrf_token", "")))
@@ -136,7 +136,7 @@ def _basic_credentials(request: Request) -> tuple[str, str] | None:
 @router.post("/oidc/token")
 def token(
     request: Request,
-    db: Annotated[Database, Depends(get_db)],
+    db: Annotated[Database, Depends(request_db)],
     grant_type: Annotated[str, Form()] = "",
     code: Annotated[str, Form()] = "",
     redirect_uri: Annotated[str, Form()] = "",
@@ -167,7 +167,7 @@ def token(
 
 
 @router.api_route("/oidc/userinfo", methods=["GET", "POST"])
-def userinfo(request: Request, db: Annotated[Database, Depends(get_db)]) -> JSONResponse:
+def userinfo(request: Request, db: Annotated[Database, Depends(request_db)]) -> JSONResponse:
     """The signed-in user's claims for a Bearer access token."""
     scheme, _sep, value = request.headers.get("authorization", "").partition(" ")
     try:
@@ -196,7 +196,7 @@ def _admin_page(request: Request, db: Database, status_code: int = 200, **contex
 
 
 @router.get("/admin/clients", response_model=None)
-def admin_clients(request: Request, db: Annotated[Database, Depends(get_db)]) -> Response:
+def admin_clients(request: Request, db: Annotated[Database, Depends(request_db)]) -> Response:
     """Member systems registered to sign in through the platform (platform admins only)."""
     require_platform_admin(require_actor(request))
     return _admin_page(request, db)
@@ -205,7 +205,7 @@ def admin_clients(request: Request, db: Annotated[Database, Depends(get_db)]) ->
 @router.post("/admin/clients", response_model=None)
 def admin_register_client(
     request: Request,
-    db: Annotated[Database, Depends(get_db)],
+    db: Annotated[Database, Depends(request_db)],
     csrf_token: Annotated[str, Form()] = "",
     name: Annotated[str, Form()] = "",
     redirect_uris: Annotated[str, Form()] = "",
@@ -233,7 +233,7 @@ def admin_register_client(
 def admin_update_client(
     request: Request,
     client_id: str,
-    db: Annotated[Database, Depends(get_db)],
+    db: Annotated[Database, Depends(request_db)],
     csrf_token: Annotated[str, Form()] = "",
     action: Annotated[str, Form()] = "",
 ) -> Response:

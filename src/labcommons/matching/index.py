@@ -264,6 +264,8 @@ def refresh(session: Session, *, limit: int | None = None, progress: Any = None,
     By default they are written in `session`; `store_in` writes each batch elsewhere (the job reads in one
     session and writes in short transactions, so the embedding model never runs under SQLite's write lock).
     """
+    if session.scalar(select(MatchDocument.kind).where(MatchDocument.dirty.is_(True)).limit(1)) is None:
+        return 0  # nothing to do: do not load the embedding model for it (seconds, and much memory)
     encoder = embeddings.get_encoder()
     done = 0
     stored = 0

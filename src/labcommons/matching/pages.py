@@ -25,7 +25,7 @@ from labcommons.catalog import service as catalog
 from labcommons.catalog.models import Category, Facility, Institution, Region, Service
 from labcommons.db import Database
 from labcommons.errors import Conflict, DomainError, Forbidden, InvalidInput, NotFound
-from labcommons.http import Id, get_db, page_actor
+from labcommons.http import Id, page_actor, request_db
 from labcommons.i18n import gettext_ as _
 from labcommons.identity import roles
 from labcommons.identity.roles import Action
@@ -43,7 +43,7 @@ from labcommons.orders.service import facility_today
 from labcommons.pages import N_, check_csrf, is_htmx, localized, localtime, redirect, render, require_actor, yuan
 
 router = APIRouter(include_in_schema=False)
-Db = Annotated[Database, Depends(get_db)]
+Db = Annotated[Database, Depends(request_db)]
 
 KIND_LABELS = {"instrument": N_("Instrument"), "service": N_("Service"), "expert": N_("Expert")}
 AVAILABILITY_LABELS = {

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from labcommons.actor import Actor
 from labcommons.db import Database
-from labcommons.http import get_db, require_scope
+from labcommons.http import request_db, require_scope
 from labcommons.notifications import service
 
 router = APIRouter(prefix="/me/notifications", tags=["account"])
@@ -35,7 +35,7 @@ class PreferencesUpdate(BaseModel):
 
 @router.get("", response_model=Preferences, responses=ERRORS)
 def get_preferences(
-    actor: Annotated[Actor, Depends(require_scope("account"))], db: Annotated[Database, Depends(get_db)]
+    actor: Annotated[Actor, Depends(require_scope("account"))], db: Annotated[Database, Depends(request_db)]
 ) -> Preferences:
     """Which events the caller receives by e-mail (all of them unless switched off)."""
     with db.unit_of_work(write=False) as session:
@@ -46,7 +46,7 @@ def get_preferences(
 def put_preferences(
     body: PreferencesUpdate,
     actor: Annotated[Actor, Depends(require_scope("account"))],
-    db: Annotated[Database, Depends(get_db)],
+    db: Annotated[Database, Depends(request_db)],
 ) -> Preferences:
     """Switch e-mail of some events on or off; the answer is the whole new setting."""
     with db.unit_of_work() as session:

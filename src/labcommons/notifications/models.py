@@ -41,6 +41,21 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
+class JobWorker(Base):
+    """One job worker's registration and heartbeat: its running jobs are given back soon after its beats stop."""
+
+    __tablename__ = "job_worker"
+
+    # The same name the worker writes into job.locked_by.
+    worker_id: Mapped[str] = mapped_column(String(100), primary_key=True)
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # Set on a clean exit; a stopped worker's running jobs (cut off by the shutdown) are given back at once.
+    stopped_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
 class NotificationPreference(Base):
     """Whether a user wants e-mail for one kind of event; no row means yes."""
 

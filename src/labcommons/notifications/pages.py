@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import Response
 
 from labcommons.db import Database
-from labcommons.http import get_db
+from labcommons.http import request_db
 from labcommons.i18n import gettext_ as _
 from labcommons.notifications import service
 from labcommons.pages import check_csrf, redirect, render, require_actor
@@ -17,7 +17,7 @@ router = APIRouter()
 
 
 @router.get("/account/notifications", include_in_schema=False, response_model=None)
-def notification_settings(request: Request, db: Annotated[Database, Depends(get_db)]) -> Response:
+def notification_settings(request: Request, db: Annotated[Database, Depends(request_db)]) -> Response:
     """The signed-in user's e-mail notification settings."""
     actor = require_actor(request)
     with db.unit_of_work(write=False) as session:
@@ -29,7 +29,7 @@ def notification_settings(request: Request, db: Annotated[Database, Depends(get_
 @router.post("/account/notifications", include_in_schema=False, response_model=None)
 def save_notification_settings(
     request: Request,
-    db: Annotated[Database, Depends(get_db)],
+    db: Annotated[Database, Depends(request_db)],
     csrf_token: Annotated[str, Form()] = "",
     email: Annotated[list[str] | None, Form()] = None,
 ) -> Response:

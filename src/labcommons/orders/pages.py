@@ -15,7 +15,7 @@ from labcommons.billing import talent
 from labcommons.catalog.models import PriceUnit, Service
 from labcommons.db import Database
 from labcommons.errors import Conflict, DomainError, Forbidden, InvalidInput
-from labcommons.http import Id, get_db
+from labcommons.http import Id, request_db
 from labcommons.i18n import gettext_ as _
 from labcommons.identity import roles
 from labcommons.identity.roles import Action
@@ -170,7 +170,7 @@ def _order_form(request: Request, svc: Service, form: dict[str, str], status_cod
 
 
 @router.get("/services/{service_id}/order", response_class=HTMLResponse)
-def order_form(service_id: Id, request: Request, db: Annotated[Database, Depends(get_db)]) -> HTMLResponse:
+def order_form(service_id: Id, request: Request, db: Annotated[Database, Depends(request_db)]) -> HTMLResponse:
     """The form ordering a service, with its sample requirements and price."""
     actor = require_actor(request)
     roles.require(actor, Action.order_service)
@@ -198,7 +198,7 @@ def _consulted_expert(session: Any, svc: Service, raw: str) -> Any:
 
 @router.post("/services/{service_id}/order", response_model=None)
 def place_order(
-    service_id: Id, request: Request, db: Annotated[Database, Depends(get_db)],
+    service_id: Id, request: Request, db: Annotated[Database, Depends(request_db)],
     csrf_token: Annotated[str, Form()] = "", title: Annotated[str, Form()] = "",
     description: Annotated[str, Form()] = "", sample_count: Annotated[str, Form()] = "",
     sample_description: Annotated[str, Form()] = "", wanted_by: Annotated[str, Form()] = "",
@@ -255,7 +255,7 @@ def _status_param(value: str | None) -> OrderStatus | None:
 
 @router.get("/orders", response_class=HTMLResponse)
 def my_orders(
-    request: Request, db: Annotated[Database, Depends(get_db)],
+    request: Request, db: Annotated[Database, Depends(request_db)],
     status: Annotated[str | None, Query(max_length=32)] = None,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
 ) -> HTMLResponse:
@@ -271,7 +271,7 @@ def my_orders(
 
 @router.get("/manage/orders", response_class=HTMLResponse)
 def order_queue(
-    request: Request, db: Annotated[Database, Depends(get_db)],
+    request: Request, db: Annotated[Database, Depends(request_db)],
     status: Annotated[str | None, Query(max_length=32)] = None,
     facility: Annotated[str | None, Query(max_length=40)] = None,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
@@ -366,7 +366,7 @@ def _order_page(request: Request, db: Database, actor: Actor, order_id: int, sta
 
 
 @router.get("/orders/{order_id}", response_class=HTMLResponse)
-def order_page(order_id: Id, request: Request, db: Annotated[Database, Depends(get_db)]) -> HTMLResponse:
+def order_page(order_id: Id, request: Request, db: Annotated[Database, Depends(request_db)]) -> HTMLResponse:
     """One order: progress, timeline, quote, samples, results, messages and the actions the user may take."""
     return _order_page(request, db, require_actor(request), order_id)
 
@@ -381,7 +381,7 @@ def _refused(order_id: int, exc: DomainError, anchor: str = "") -> Response:
 
 @router.post("/orders/{order_id}/transitions", response_model=None)
 def move_order(
-    order_id: Id, request: Request, db: Annotated[Database, Depends(get_db)],
+    order_id: Id, request: Request, db: Annotated[Database, Depends(request_db)],
     csrf_token: Annotated[str, Form()] = "", to: Annotated[str, Form(max_length=32)] = "",
     comment: Annotated[str, Form()] = "", expected_version: Annotated[str, Form()] = "",
 ) -> Response:
@@ -403,7 +403,7 @@ def move_order(
 
 @router.post("/orders/{order_id}/quotes", response_model=None)
 def issue_quote(
-    order_id: Id, request: Request, db: Annotated[Database, Depends(get_db)],
+    order_id: Id, request: Request, db: Annotated[Database, Depends(request_db)],
     csrf_token: Annotated[str, Form()] = "",
     line_description: Annotated[list[str] | None, Form()] = None,
     line_quantity: Annotated[list[str] | None, Form()] = None,
@@ -447,7 +447,7 @@ def issue_quote(
 
 @router.post("/orders/{order_id}/quotes/{quote_id}/accept", response_model=None)
 def accept_quote(
-    order_id: Id, quote_id: Id, request: Request, db: Annotated[Database, Depends(get_db)],
+    order_id: Id, quote_id: Id, request: Request, db: Annotated[Database, Depends(request_db)],
     csrf_token: Annotated[str, Form()] = "",
 ) -> Response:
     """Accept the quote on offer (the order's user)."""
@@ -465,7 +465,7 @@ def accept_quote(
 
 @router.post("/orders/{order_id}/quotes/{quote_id}/decline", response_model=None)
 def decline_quote(
-    order_id: Id, quote_id: Id, request: Request, db: Annotated[Database, Depends(get_db)],
+    order_id: Id, quote_id: Id, request: Request, db: Annotated[Database, Depends(request_db)],
     csrf_token: Annotated[str, Form()] = "", reason: Annotated[str, Form()] = "",
 ) -> Response:
     """Decline the quote on offer (the order's user); the facility may send another."""
@@ -484,7 +484,7 @@ def decline_quote(
 
 @router.post("/orders/{order_id}/messages", response_model=None)
 def post_message(
-    order_id: Id, request: Request, db: Annotated[Database, Depends(get_db)],
+    order_id: Id, request: Request, db: Annotated[Database, Depends(request_db)],
     csrf_token: Annotated[str, Form()] = "", body: Annotated[str, Form()] = "",
 ) -> Response:
     """Write to the order's thread; the other side is e-mailed."""
@@ -501,7 +501,7 @@ def post_message(
 
 @router.post("/orders/{order_id}/rating", response_model=None)
 def rate_order(
-    order_id: Id, request: Request, db: Annotated[Database, Depends(get_db)],
+    order_id: Id, request: Request, db: Annotated[Database, Depends(request_db)],
     csrf_token: Annotated[str, Form()] = "", score: Annotated[str, Form()] = "",
     comment: Annotated[str, Form()] = "",
 ) -> Response:

@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from labcommons.actor import Actor
 from labcommons.db import Database
 from labcommons.errors import InvalidInput
-from labcommons.http import Id, get_db, require_scope
+from labcommons.http import Id, request_db, require_scope
 from labcommons.identity import roles
 from labcommons.identity.roles import Action
 from labcommons.orders import results
@@ -149,7 +149,7 @@ async def upload_result(
     order_id: Id,
     request: Request,
     actor: Writer,
-    db: Annotated[Database, Depends(get_db)],
+    db: Annotated[Database, Depends(request_db)],
     filename: Annotated[str | None, Query(max_length=1000, description="The file's name, e.g. 检测报告.pdf")] = None,
     kind: Annotated[str | None, Query(max_length=20, description="report (default) or data")] = None,
     x_content_sha256: Annotated[str | None, Header(max_length=100, description="SHA-256 (hex) to check")] = None,
@@ -174,7 +174,7 @@ async def upload_result(
 
 
 @router.get("/orders/{order_id}/results", response_model=ResultList, responses=ERRORS)
-def list_order_results(order_id: Id, actor: Reader, db: Annotated[Database, Depends(get_db)]) -> ResultList:
+def list_order_results(order_id: Id, actor: Reader, db: Annotated[Database, Depends(request_db)]) -> ResultList:
     """The order's result files, newest first: staff see withdrawn ones too, the customer the delivered ones."""
     with db.unit_of_work(write=False) as session:
         _order, rows = results.visible_results(session, actor, order_id)
@@ -188,7 +188,7 @@ def list_order_results(order_id: Id, actor: Reader, db: Annotated[Database, Depe
     response_class=StreamingResponse,
 )
 def download_result(order_id: Id, file_id: Id, request: Request, actor: Reader,
-                    db: Annotated[Database, Depends(get_db)]) -> StreamingResponse:
+                    db: Annotated[Database, Depends(request_db)]) -> StreamingResponse:
     """Download a result file, streamed; `X-Content-SHA256` (and `Digest`, `ETag`) carry its checksum."""
     with db.unit_of_work(write=False) as session:
         row, chunks = results.open_result(session, actor, order_id, file_id, store=request_store(request))
@@ -197,7 +197,7 @@ def download_result(order_id: Id, file_id: Id, request: Request, actor: Reader,
 
 @router.post("/orders/{order_id}/results/{file_id}/withdraw", response_model=ResultRead, responses=ERRORS)
 def withdraw_order_result(order_id: Id, file_id: Id, actor: Writer,
-                          db: Annotated[Database, Depends(get_db)]) -> ResultRead:
+                          db: Annotated[Database, Depends(request_db)]) -> ResultRead:
     """Withdraw a result file as the facility's staff: the customer no longer sees it; the record stays."""
     with db.unit_of_work() as session:
         return ResultRead.of(results.withdraw_result(session, actor, order_id, file_id))

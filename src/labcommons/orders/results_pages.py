@@ -11,7 +11,7 @@ from starlette.datastructures import UploadFile
 
 from labcommons.db import Database
 from labcommons.errors import DomainError, Forbidden, InvalidInput, NotFound
-from labcommons.http import Id, get_db
+from labcommons.http import Id, request_db
 from labcommons.i18n import gettext_ as _
 from labcommons.identity import roles
 from labcommons.identity.roles import Action
@@ -78,7 +78,7 @@ class LengthRequired(DomainError):
 
 @router.post("/orders/{order_id}/results")
 async def upload_result_page(order_id: Id, request: Request,
-                             db: Annotated[Database, Depends(get_db)]) -> Response:
+                             db: Annotated[Database, Depends(request_db)]) -> Response:
     """Upload a result file from the order page (multipart form: file, kind); back to the order with a flash."""
     actor = require_actor(request)
     roles.require_some(actor, Action.manage_facility_orders)
@@ -116,7 +116,7 @@ async def upload_result_page(order_id: Id, request: Request,
 
 @router.get("/orders/{order_id}/results/{file_id}")
 def download_result_page(order_id: Id, file_id: Id, request: Request,
-                         db: Annotated[Database, Depends(get_db)]) -> StreamingResponse:
+                         db: Annotated[Database, Depends(request_db)]) -> StreamingResponse:
     """Download a result file as the signed-in customer (once delivered) or the facility's staff."""
     actor = require_actor(request)
     with db.unit_of_work(write=False) as session:
@@ -125,7 +125,7 @@ def download_result_page(order_id: Id, file_id: Id, request: Request,
 
 
 @router.post("/orders/{order_id}/results/{file_id}/withdraw")
-def withdraw_result_page(order_id: Id, file_id: Id, request: Request, db: Annotated[Database, Depends(get_db)],
+def withdraw_result_page(order_id: Id, file_id: Id, request: Request, db: Annotated[Database, Depends(request_db)],
                          csrf_token: Annotated[str, Form()] = "") -> Response:
     """Withdraw a result file as the facility's staff; back to the order with a flash."""
     actor = require_actor(request)

@@ -15,7 +15,7 @@ from labcommons import i18n
 from labcommons.actor import Actor
 from labcommons.config import get_settings
 from labcommons.db import Database
-from labcommons.http import Id, get_db, idempotent_post, require_scope
+from labcommons.http import Id, idempotent_post, request_db, require_scope
 from labcommons.i18n import gettext_ as _
 from labcommons.idempotency import Outcome
 from labcommons.orders import labels, samples, service
@@ -112,7 +112,7 @@ def _read_all(session: Session, actor: Actor, order: ServiceOrder,
 
 
 @router.get("/orders/{order_id}/samples", response_model=SampleList, responses=ERRORS)
-def list_order_samples(order_id: Id, actor: Reader, db: Annotated[Database, Depends(get_db)]) -> SampleList:
+def list_order_samples(order_id: Id, actor: Reader, db: Annotated[Database, Depends(request_db)]) -> SampleList:
     """The samples of an order with their custody trail, for its customer and the facility's staff."""
     with db.unit_of_work(write=False) as session:
         order, rows = samples.list_samples(session, actor, order_id)
@@ -125,7 +125,7 @@ def register_samples(
     body: SampleCreate,
     request: Request,
     actor: Writer,
-    db: Annotated[Database, Depends(get_db)],
+    db: Annotated[Database, Depends(request_db)],
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> JSONResponse:
     """Register samples (codes <order number>-S01, -S02, …): the customer announces expected ones; staff may
@@ -147,7 +147,7 @@ def register_samples(
 # Declared before /samples/{sample_id}: "by-code" is not a sample id.
 @router.get("/samples/by-code/{code}", response_model=SampleRead, responses=ERRORS)
 def sample_by_code(
-    code: Annotated[str, Path(max_length=64)], actor: Reader, db: Annotated[Database, Depends(get_db)]
+    code: Annotated[str, Path(max_length=64)], actor: Reader, db: Annotated[Database, Depends(request_db)]
 ) -> SampleRead:
     """The sample with a label code, as a scanner reads it."""
     with db.unit_of_work(write=False) as session:
@@ -156,7 +156,7 @@ def sample_by_code(
 
 
 @router.get("/samples/{sample_id}", response_model=SampleRead, responses=ERRORS)
-def get_sample(sample_id: Id, actor: Reader, db: Annotated[Database, Depends(get_db)]) -> SampleRead:
+def get_sample(sample_id: Id, actor: Reader, db: Annotated[Database, Depends(request_db)]) -> SampleRead:
     """One sample with its chain of custody (who, when, where)."""
     with db.unit_of_work(write=False) as session:
         sample, order, events = samples.get_sample(session, actor, sample_id)
@@ -169,7 +169,7 @@ def record_custody_event(
     body: CustodyEventCreate,
     request: Request,
     actor: Writer,
-    db: Annotated[Database, Depends(get_db)],
+    db: Annotated[Database, Depends(request_db)],
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> JSONResponse:
     """Record a custody step (received, stored with a location, consumed, returned, disposed); facility staff
@@ -188,7 +188,7 @@ def record_custody_event(
     "/samples/{sample_id}/label.svg", response_class=Response, responses={
         **ERRORS, 200: {"content": {"image/svg+xml": {}}, "description": "A 62 mm × 29 mm label"}},
 )
-def sample_label(sample_id: Id, actor: Reader, db: Annotated[Database, Depends(get_db)]) -> Response:
+def sample_label(sample_id: Id, actor: Reader, db: Annotated[Database, Depends(request_db)]) -> Response:
     """The sample's printable label as SVG: QR code, Code 128 barcode, code, order number, description, date."""
     with db.unit_of_work(write=False) as session:
         sample, order, events = samples.get_sample(session, actor, sample_id)

@@ -10,7 +10,7 @@ from markupsafe import Markup
 
 from labcommons.db import Database
 from labcommons.errors import Conflict, DomainError, InvalidInput
-from labcommons.http import Id, get_db
+from labcommons.http import Id, request_db
 from labcommons.i18n import gettext_ as _
 from labcommons.orders import labels, samples
 from labcommons.orders.models import CustodyEvent, Sample, SampleEvent, SampleStatus, ServiceOrder
@@ -90,7 +90,7 @@ def _back(order_id: int) -> str:
 def register(
     order_id: Id,
     request: Request,
-    db: Annotated[Database, Depends(get_db)],
+    db: Annotated[Database, Depends(request_db)],
     csrf_token: Annotated[str, Form()] = "",
     descriptions: Annotated[str, Form()] = "",
     count: Annotated[str, Form()] = "",
@@ -132,7 +132,7 @@ def _whole_number(raw: str) -> int | None:
 def record_event(
     sample_id: Id,
     request: Request,
-    db: Annotated[Database, Depends(get_db)],
+    db: Annotated[Database, Depends(request_db)],
     csrf_token: Annotated[str, Form()] = "",
     event: Annotated[str, Form()] = "",
     location: Annotated[str, Form()] = "",
@@ -177,7 +177,7 @@ def _labels_page(request: Request, order: ServiceOrder, rows: list[tuple[Sample,
 
 
 @router.get("/samples/{sample_id}/label", response_class=HTMLResponse)
-def sample_label(sample_id: Id, request: Request, db: Annotated[Database, Depends(get_db)]) -> HTMLResponse:
+def sample_label(sample_id: Id, request: Request, db: Annotated[Database, Depends(request_db)]) -> HTMLResponse:
     """One sample's printable label (62 mm × 29 mm)."""
     actor = require_actor(request)
     with db.unit_of_work(write=False) as session:
@@ -186,7 +186,7 @@ def sample_label(sample_id: Id, request: Request, db: Annotated[Database, Depend
 
 
 @router.get("/orders/{order_id}/labels", response_class=HTMLResponse)
-def order_labels(order_id: Id, request: Request, db: Annotated[Database, Depends(get_db)]) -> HTMLResponse:
+def order_labels(order_id: Id, request: Request, db: Annotated[Database, Depends(request_db)]) -> HTMLResponse:
     """The printable labels of all samples of an order, one per printer label."""
     actor = require_actor(request)
     with db.unit_of_work(write=False) as session:
@@ -195,7 +195,7 @@ def order_labels(order_id: Id, request: Request, db: Annotated[Database, Depends
 
 
 @router.get("/samples/code/{code}", response_model=None)
-def scanned(code: str, request: Request, db: Annotated[Database, Depends(get_db)]) -> Response:
+def scanned(code: str, request: Request, db: Annotated[Database, Depends(request_db)]) -> Response:
     """Where a scanned label leads: the sample on its order's page, for the customer and the facility's staff."""
     actor = require_actor(request)
     with db.unit_of_work(write=False) as session:

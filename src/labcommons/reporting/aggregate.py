@@ -41,6 +41,7 @@ from labcommons.reporting.models import (
     StatFacilityDay,
     StatInstrumentDay,
     StatInstrumentMonth,
+    StatRegionDay,
 )
 
 log = logging.getLogger("labcommons.reporting")
@@ -402,6 +403,7 @@ def recompute_facility_days(session: Session, days: dict[int, set[date]], tz: Zo
     """Replace the statistics of the given days of the given facilities with what their bookings say now."""
     tz = tz or zone()
     written = 0
+    touched: set[date] = set()
     for facility_id, first, last, wanted in _facility_ranges(days):
         sums = contributions(bookings_of_facility_days(session, facility_id, first, last, tz), tz)
         day_list = sorted(wanted)
@@ -423,7 +425,30 @@ def recompute_facility_days(session: Session, days: dict[int, set[date]], tz: Zo
             session.execute(insert(StatFacilityDay), fac_rows)
         recompute_months(session, facility_id, {d.replace(day=1) for d in wanted})
         written += len(wanted)
+        touched.update(wanted)
+    recompute_region_days(session, touched)
     return written
+
+
+_DAY_KEY = ("region_code", "day", "user_region_code", "internal")
+_DAY_MEASURES = ("bookings", "booked_min", "effective_min", "maintenance_min", "no_shows", *HOUR_COLUMNS,
+                 *LEAD_COLUMNS)
+
+
+def recompute_region_days(session: Session, days: Iterable[date] | None = None) -> None:
+    """Replace the `stat_region_day` rows of `days` (every day when None) with sums of the facility-days. Every
+    region's: a facility moved to another region leaves both regions' days to recompute."""
+    f = StatFacilityDay
+    sums = select(*(getattr(f, k) for k in _DAY_KEY), func.min(f.weekday),
+                  *(func.sum(getattr(f, m)) for m in _DAY_MEASURES)).group_by(*(getattr(f, k) for k in _DAY_KEY))
+    target = ["region_code", "day", "user_region_code", "internal", "weekday", *_DAY_MEASURES]
+    if days is None:
+        session.execute(delete(StatRegionDay))
+        session.execute(insert(StatRegionDay).from_select(target, sums))
+        return
+    for chunk in _chunks(sorted(set(days)), 500):
+        session.execute(delete(StatRegionDay).where(StatRegionDay.day.in_(chunk)))
+        session.execute(insert(StatRegionDay).from_select(target, sums.where(f.day.in_(chunk))))
 
 
 def month_end(month: date) -> date:
@@ -545,6 +570,7 @@ def rebuild(db: Database, *, progress: Progress | None = None) -> tuple[int, int
             written[0] += len(inst_rows)
             written[1] += len(fac_rows)
             notify(done, len(facilities))
+        recompute_region_days(session)
     return written[0], written[1]
 
 

@@ -1,11 +1,12 @@
 """Pre-aggregated booking statistics, kept current from the booking table (see reporting/aggregate.py).
 
-Two grains, each a sum of what the bookings of one local day (Asia/Shanghai by default) contribute:
+Three grains, each a sum of what the bookings of one local day (Asia/Shanghai by default) contribute:
 - `stat_instrument_day`: one row per instrument and day, for per-instrument tables and the top/idle lists;
 - `stat_facility_day`: one row per facility, day, booker's region and internal/external, for the charts
-  (time series, weekday × hour heat-map, cross-region flows, lead-time distribution) at any scope.
+  (time series, weekday × hour heat-map, cross-region flows, lead-time distribution) at any scope;
+- `stat_region_day`: the same summed per region, which the platform's and the regions' charts read.
 
-Both are derived data: `labcommons reporting rebuild` recomputes them from the bookings at any time.
+All are derived data: `labcommons reporting rebuild` recomputes them from the bookings at any time.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from datetime import date, datetime
 from sqlalchemy import Date, Index, Integer, String, text
 from sqlalchemy.orm import Mapped, mapped_column
 
+from labcommons.catalog.models import Instrument
 from labcommons.db import Base, UTCDateTime, utcnow
 
 # Lead time (from making a booking to its start) is counted in these buckets; bounds in hours, the last is open.
@@ -80,22 +82,9 @@ class StatInstrumentMonth(_InstrumentMeasures, Base):
     month: Mapped[date] = mapped_column(Date, primary_key=True)
 
 
-class StatFacilityDay(Base):
-    """What one facility's bookings by one kind of booker (region, internal or not) contributed to one local day."""
+class _DayMeasures:
+    """What bookings contributed to one local day, at the grains of the charts (facility, region)."""
 
-    __tablename__ = "stat_facility_day"
-    __table_args__ = (
-        Index("ix_stat_facility_day_region", "region_code", "day"),
-        Index("ix_stat_facility_day_institution", "institution_id", "day"),
-    )
-
-    facility_id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    day: Mapped[date] = mapped_column(Date, primary_key=True)
-    user_region_code: Mapped[str] = mapped_column(String(16), primary_key=True)
-    # 1 when the booker belongs to the facility's institution, 0 otherwise (an integer: it is part of the key).
-    internal: Mapped[int] = mapped_column(Integer, primary_key=True)
-    institution_id: Mapped[int] = mapped_column(Integer)
-    region_code: Mapped[str] = mapped_column(String(16))
     weekday: Mapped[int] = mapped_column(Integer)  # 0 = Monday
     bookings: Mapped[int] = mapped_column(Integer, default=0)
     booked_min: Mapped[int] = mapped_column(Integer, default=0)
@@ -138,5 +127,43 @@ class StatFacilityDay(Base):
     lead7: Mapped[int] = mapped_column(Integer, default=0)
 
 
+class StatFacilityDay(_DayMeasures, Base):
+    """What one facility's bookings by one kind of booker (region, internal or not) contributed to one local day."""
+
+    __tablename__ = "stat_facility_day"
+    __table_args__ = (
+        Index("ix_stat_facility_day_region", "region_code", "day"),
+        Index("ix_stat_facility_day_institution", "institution_id", "day"),
+    )
+
+    facility_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    user_region_code: Mapped[str] = mapped_column(String(16), primary_key=True)
+    # 1 when the booker belongs to the facility's institution, 0 otherwise (an integer: it is part of the key).
+    internal: Mapped[int] = mapped_column(Integer, primary_key=True)
+    institution_id: Mapped[int] = mapped_column(Integer)
+    region_code: Mapped[str] = mapped_column(String(16))
+
+
+class StatRegionDay(_DayMeasures, Base):
+    """The sum of a region's `stat_facility_day` rows of one day and kind of booker, so the platform's and the
+    regions' charts, totals and flows read a few hundred rows instead of every facility's (kept with them by every
+    refresh and rebuild)."""
+
+    __tablename__ = "stat_region_day"
+
+    region_code: Mapped[str] = mapped_column(String(16), primary_key=True)
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    user_region_code: Mapped[str] = mapped_column(String(16), primary_key=True)
+    internal: Mapped[int] = mapped_column(Integer, primary_key=True)
+
+
 HOUR_COLUMNS = tuple(f"h{i}" for i in range(HOURS))
 LEAD_COLUMNS = tuple(f"lead{i}" for i in range(LEAD_BUCKETS))
+
+
+# The statistics' index on the instrument table (migration 0011): a region's or the platform's dashboard joins its
+# per-instrument sums to the instruments' status and placement, counts the bookable ones by opening hours and lists
+# the never booked ones in id order, all from this narrow index instead of the wide instrument rows.
+Index("ix_instrument_placement", Instrument.id, Instrument.status, Instrument.region_code, Instrument.institution_id,
+      Instrument.facility_id)

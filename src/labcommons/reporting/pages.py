@@ -24,7 +24,7 @@ from labcommons.billing.exports import PDF_TYPE, yuan_text
 from labcommons.catalog.models import Region
 from labcommons.db import Database, utcnow
 from labcommons.errors import Forbidden, InvalidInput, NotFound
-from labcommons.http import Id, get_db, page_actor
+from labcommons.http import Id, page_actor, request_db
 from labcommons.i18n import gettext_ as _
 from labcommons.pages import N_, env, is_htmx, localized, localtime, render
 from labcommons.reporting import aggregate, exports, report, service
@@ -32,7 +32,7 @@ from labcommons.reporting.charts import dashboard_charts, hours_text, percent_te
 from labcommons.reporting.service import Dashboard, InstrumentRow, Period, Scope, ScopeKind
 
 router = APIRouter(include_in_schema=False)
-Db = Annotated[Database, Depends(get_db)]
+Db = Annotated[Database, Depends(request_db)]
 # Plain strings, checked after the role gate: a caller without a statistics role gets 403 whatever they send.
 ScopeParam = Annotated[str | None, Query()]
 FromParam = Annotated[str | None, Query(alias="from")]

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import date, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import case, distinct, func, literal, or_, select, true, union_all
+from sqlalchemy import String, case, distinct, func, literal, or_, select, true, union_all
 from sqlalchemy.orm import Session
 
 from labcommons.actor import Actor
@@ -38,6 +38,7 @@ from labcommons.reporting.models import (
     StatFacilityDay,
     StatInstrumentDay,
     StatInstrumentMonth,
+    StatRegionDay,
 )
 
 MAX_PERIOD_DAYS = 3 * 366 + 1
@@ -231,7 +232,11 @@ def visible_scopes(session: Session, actor: Actor | None) -> list[Scope]:
     return scopes
 
 
-def _filter(stmt: Any, scope: Scope, region_col: Any, institution_col: Any, facility_col: Any) -> Any:
+def _filter(stmt: Any, scope: Scope, region_col: Any, institution_col: Any, facility_col: Any, *,
+            indexed: bool = True) -> Any:
+    if not indexed:
+        region_col, institution_col, facility_col = (_unindexed(c) for c in (region_col, institution_col,
+                                                                             facility_col))
     if scope.kind is ScopeKind.region:
         return stmt.where(region_col == scope.key)
     if scope.kind is ScopeKind.institution:
@@ -241,9 +246,16 @@ def _filter(stmt: Any, scope: Scope, region_col: Any, institution_col: Any, faci
     return stmt
 
 
-def _inst_filter(stmt: Any, scope: Scope) -> Any:
+def _unindexed(column: Any) -> Any:
+    """The column's value as an expression no index serves (`col || ''`, `col + 0`): it keeps SQLite from reading
+    through the scope's index when another one (the primary key for a few ids, the partial maintenance index, a
+    narrow covering index) or a straight scan finds the rows far cheaper. The value is the same."""
+    return column.concat("") if isinstance(column.type, String) else column + 0
+
+
+def _inst_filter(stmt: Any, scope: Scope, *, indexed: bool = True) -> Any:
     return _filter(stmt, scope, StatInstrumentDay.region_code, StatInstrumentDay.institution_id,
-                   StatInstrumentDay.facility_id)
+                   StatInstrumentDay.facility_id, indexed=indexed)
 
 
 def _fac_filter(stmt: Any, scope: Scope) -> Any:
@@ -251,8 +263,9 @@ def _fac_filter(stmt: Any, scope: Scope) -> Any:
                    StatFacilityDay.facility_id)
 
 
-def _instrument_filter(stmt: Any, scope: Scope) -> Any:
-    return _filter(stmt, scope, Instrument.region_code, Instrument.institution_id, Instrument.facility_id)
+def _instrument_filter(stmt: Any, scope: Scope, *, indexed: bool = True) -> Any:
+    return _filter(stmt, scope, Instrument.region_code, Instrument.institution_id, Instrument.facility_id,
+                   indexed=indexed)
 
 
 # --------------------------------------------------------------------------------------------- results
@@ -419,21 +432,37 @@ def _memo(session: Session, key: tuple[Any, ...], compute: Any) -> Any:
 
 _MEMO = "labcommons_reporting_memo"
 
+# The instrument column a scope's breakdown groups by, per kind of child.
+_INSTRUMENT_CHILD = {ScopeKind.region: Instrument.region_code, ScopeKind.institution: Instrument.institution_id,
+                     ScopeKind.facility: Instrument.facility_id}
+
 
 def _patterns(session: Session, scope: Scope, group: Any | None = None) -> list[tuple[Any, str | None, int]]:
     """(group key, opening hours, number of instruments) of the scope's bookable instruments."""
+    child = CHILD_KIND[scope.kind]
+    if group is None and child is not None:
+        # The breakdown reads them per child anyway: adding those up spares a second pass over the instruments.
+        instruments: dict[str | None, int] = defaultdict(int)
+        for _key, raw, n in _patterns(session, scope, _INSTRUMENT_CHILD[child]):
+            instruments[raw] += n
+        return [(None, raw, n) for raw, n in instruments.items()]
     return _memo(session, ("patterns", scope.token, str(group)), lambda: _read_patterns(session, scope, group))
 
 
 def _read_patterns(session: Session, scope: Scope, group: Any | None) -> list[tuple[Any, str | None, int]]:
     key = group if group is not None else Instrument.region_code
+    wide = scope.kind in (ScopeKind.platform, ScopeKind.region)
+    if wide:
+        # SQLite would walk the region's or institutions' index in group order and read every wide instrument row
+        # for its status; kept from those indexes, it scans the narrow ix_instrument_placement, which holds all.
+        key = _unindexed(key)
     stmt = (
         select(key, BookingPolicy.opening_hours, func.count(Instrument.id))
         .outerjoin(BookingPolicy, BookingPolicy.instrument_id == Instrument.id)
         .where(Instrument.status != InstrumentStatus.retired)
         .group_by(key, BookingPolicy.opening_hours)
     )
-    return [(k, raw, int(n)) for k, raw, n in session.execute(_instrument_filter(stmt, scope))]
+    return [(k, raw, int(n)) for k, raw, n in session.execute(_instrument_filter(stmt, scope, indexed=not wide))]
 
 
 def _available(counts: list[int], raw: str | None) -> int:
@@ -469,7 +498,7 @@ def _read_downtime(session: Session, scope: Scope, period: Period) -> dict[tuple
     )
     opening: dict[str | None, tuple[int, ...]] = {}
     out: dict[tuple[int, date], int] = {}
-    for iid, day, minutes, raw in session.execute(_inst_filter(stmt, scope)):
+    for iid, day, minutes, raw in session.execute(_inst_filter(stmt, scope, indexed=False)):
         if raw not in opening:
             opening[raw] = _open_minutes_by_weekday(raw)
         counted = min(int(minutes), opening[raw][day.weekday()])
@@ -501,13 +530,18 @@ def _per_day(session: Session, scope: Scope, period: Period) -> dict[date, tuple
 
 
 def _read_per_day(session: Session, scope: Scope, period: Period) -> dict[date, tuple[int, ...]]:
-    f = StatFacilityDay
+    # The platform and a region read their region-days: a few hundred rows instead of every facility's.
+    f: Any = StatRegionDay if scope.kind in (ScopeKind.platform, ScopeKind.region) else StatFacilityDay
     stmt = select(
         f.day, _sum(f.bookings), _sum(f.booked_min), _sum(f.maintenance_min), _sum(f.effective_min),
         _when(f.internal == 0, f.effective_min), _when(f.user_region_code != f.region_code, f.effective_min),
         _sum(f.no_shows), *(_sum(getattr(f, c)) for c in HOUR_COLUMNS), *(_sum(getattr(f, c)) for c in LEAD_COLUMNS),
     ).where(f.day.between(period.first, period.last)).group_by(f.day)
-    return {row[0]: tuple(int(v) for v in row[1:]) for row in session.execute(_fac_filter(stmt, scope))}
+    if scope.kind is ScopeKind.region:
+        stmt = stmt.where(f.region_code == scope.key)
+    elif scope.kind is not ScopeKind.platform:
+        stmt = _fac_filter(stmt, scope)
+    return {row[0]: tuple(int(v) for v in row[1:]) for row in session.execute(stmt)}
 
 
 def totals(session: Session, scope: Scope, period: Period, today: date) -> Totals:
@@ -698,43 +732,68 @@ def heatmap(session: Session, scope: Scope, period: Period) -> list[list[int]]:
     return grid
 
 
+def _per_group(session: Session, scope: Scope, period: Period,
+               today: date) -> list[tuple[str, str, str, int, int, int]]:
+    """(child key, provider region, booker's region, internal, booked minutes, effective minutes before today)
+    from `stat_facility_day`: one grouped read shared by the flows and the breakdown. A region's rows include what
+    its users used elsewhere (for its flows); the breakdown keeps the region's own."""
+    return _memo(session, ("groups", scope.token, period), lambda: _read_per_group(session, scope, period, today))
+
+
+def _read_per_group(session: Session, scope: Scope, period: Period,
+                    today: date) -> list[tuple[str, str, str, int, int, int]]:
+    f: Any = StatFacilityDay
+    child = CHILD_KIND[scope.kind]
+    if scope.kind is ScopeKind.platform:
+        f = StatRegionDay  # its children are the regions: their region-days are enough
+    key = literal("") if child is None else getattr(f, {ScopeKind.region: "region_code",
+                                                         ScopeKind.institution: "institution_id",
+                                                         ScopeKind.facility: "facility_id"}[child])
+
+    def grouped(table: Any, key: Any) -> Any:
+        return select(key, table.region_code, table.user_region_code, table.internal, _sum(table.booked_min),
+                      _when(table.day < today, table.effective_min)).where(
+            table.day.between(period.first, period.last)).group_by(
+            key, table.region_code, table.user_region_code, table.internal)
+
+    stmts = [grouped(f, key)]
+    if scope.kind is ScopeKind.region:
+        # Its own facilities (a large share of the rows: read straight through, not row by row from the index)…
+        stmts = [_filter(stmts[0], scope, f.region_code, f.institution_id, f.facility_id, indexed=False)]
+        # …and what its users used in other regions, for its flows, from the region-days.
+        r = StatRegionDay
+        stmts.append(grouped(r, literal("")).where(r.region_code != scope.key, r.user_region_code == scope.key))
+    elif scope.kind is not ScopeKind.platform:
+        stmts = [_fac_filter(stmts[0], scope)]
+    return [(str(k), str(region), str(user_region), int(internal), int(booked), int(effective))
+            for stmt in stmts for k, region, user_region, internal, booked, effective in session.execute(stmt)]
+
+
 def flows(session: Session, scope: Scope, period: Period, today: date) -> list[Flow]:
     """Hours and money between regions: provider's region × user's (payer's) region.
 
     A region's flows include what its users used elsewhere; smaller scopes show what they provided.
     """
-    stmt = select(StatFacilityDay.region_code, StatFacilityDay.user_region_code,
-                  _sum(StatFacilityDay.booked_min)).where(
-        StatFacilityDay.day.between(period.first, period.last)).group_by(
-        StatFacilityDay.region_code, StatFacilityDay.user_region_code)
-    eff = select(StatFacilityDay.region_code, StatFacilityDay.user_region_code,
-                 _sum(StatFacilityDay.effective_min)).where(
-        StatFacilityDay.day.between(period.first, min(period.last, today - timedelta(days=1)))).group_by(
-        StatFacilityDay.region_code, StatFacilityDay.user_region_code)
     money = select(Charge.provider_region_code, Charge.payer_region_code, _sum(Charge.amount_fen)).where(
         Charge.service_date.between(period.first, period.last)).group_by(
         Charge.provider_region_code, Charge.payer_region_code)
     if scope.kind is ScopeKind.region:
-        stmt = stmt.where((StatFacilityDay.region_code == scope.key) | (StatFacilityDay.user_region_code == scope.key))
-        eff = eff.where((StatFacilityDay.region_code == scope.key) | (StatFacilityDay.user_region_code == scope.key))
         money = money.where((Charge.provider_region_code == scope.key) | (Charge.payer_region_code == scope.key))
     else:
-        stmt, eff, money = _fac_filter(stmt, scope), _fac_filter(eff, scope), _charge_scope(money, scope)
+        money = _charge_scope(money, scope)
     table: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0])
-    for a, b, v in session.execute(stmt):
-        table[(a, b)][0] += int(v)
-    for a, b, v in session.execute(eff):
-        table[(a, b)][1] += int(v)
+    for _key, a, b, _internal, booked, effective in _per_group(session, scope, period, today):
+        table[(a, b)][0] += booked
+        table[(a, b)][1] += effective
     for a, b, v in session.execute(money):
         table[(a, b)][2] += int(v)
     return [Flow(a, b, *vals) for (a, b), vals in sorted(table.items()) if any(vals)]
 
 
 def _split_by_month(period: Period, today: date) -> tuple[list[date], list[tuple[date, date]]]:
-    """The period as whole calendar months before today's (their first days), read from the month table, and the
-    day ranges left over: partial months, today's month (whose effective figures depend on the day) and later ones.
-    Later months stay with the days: they are few and mostly sparse, and one read of days is cheaper than adding a
-    second read of months to it."""
+    """The period as whole calendar months other than today's (their first days), read from the month table, and
+    the day ranges left over: partial months and today's month, whose effective figures depend on the day. A whole
+    month lies either before today (every figure counts) or from today on (effective figures count nothing)."""
     this_month = today.replace(day=1)
     months: list[date] = []
     ranges: list[tuple[date, date]] = []
@@ -742,7 +801,7 @@ def _split_by_month(period: Period, today: date) -> tuple[list[date], list[tuple
     while start <= period.last:
         end = aggregate.month_end(start)
         lo, hi = max(start, period.first), min(end, period.last)
-        if (lo, hi) == (start, end) and start < this_month:
+        if (lo, hi) == (start, end) and start != this_month:
             months.append(start)
         elif ranges and ranges[-1][1] + timedelta(days=1) == lo:
             ranges[-1] = (ranges[-1][0], hi)
@@ -752,35 +811,51 @@ def _split_by_month(period: Period, today: date) -> tuple[list[date], list[tuple
     return months, ranges
 
 
-def _instrument_figures(session: Session, scope: Scope, period: Period,
-                        today: date) -> dict[int, tuple[int, int, int, int, int, int, int]]:
-    """Per instrument with activity in the period: (bookings, booked, effective, other-institution, other-region
-    minutes, no-shows, maintenance minutes); effective figures and no-shows count the days before today. Whole
-    months before today's come from `stat_instrument_month` (a row a month), the rest from the day table."""
+# The per-instrument measures, in the order of the figures tuples; effective figures and no-shows count only the
+# days before today.
+_MEASURES = ("bookings", "booked_min", "effective_min", "ext_institution_min", "ext_region_min", "no_shows",
+             "maintenance_min")
+_UNTIL_TODAY = frozenset({"effective_min", "ext_institution_min", "ext_region_min", "no_shows"})
+
+
+def _per_instrument(scope: Scope, period: Period, today: date, measures: Sequence[str] = _MEASURES,
+                    ids: Sequence[int] | None = None) -> Any:
+    """A grouped select of (iid, *measures) over the period for the instruments with statistics in the scope (or
+    only `ids`). Whole months other than today's come from `stat_instrument_month` (a row a month), the rest from
+    the day table; the database adds the rows of both up in one grouping, which is far cheaper than grouping each
+    or merging two result sets in Python."""
     months, ranges = _split_by_month(period, today)
+    # A region holds a large share of the rows: SQLite reads them faster straight through the table than row by row
+    # from the region's index; a few ids come fastest by primary key.
+    indexed = ids is None and scope.kind is not ScopeKind.region
     parts = []
     if months:
         m = StatInstrumentMonth
-        parts.append(_filter(select(
-            m.instrument_id.label("iid"), _sum(m.bookings).label("a"), _sum(m.booked_min).label("b"),
-            _sum(m.effective_min).label("c"), _sum(m.ext_institution_min).label("d"),
-            _sum(m.ext_region_min).label("e"), _sum(m.no_shows).label("f"),
-            _sum(m.maintenance_min).label("g"),
-        ).where(m.month.in_(months)).group_by(m.instrument_id), scope, m.region_code, m.institution_id, m.facility_id))
+        # A whole month other than today's lies wholly before today or wholly from today on.
+        stmt = select(m.instrument_id.label("iid"), *(
+            (case((m.month < today, getattr(m, name)), else_=0) if name in _UNTIL_TODAY else getattr(m, name))
+            .label(name) for name in measures)).where(m.month.in_(months))
+        if ids is not None:
+            stmt = stmt.where(m.instrument_id.in_(ids))
+        parts.append(_filter(stmt, scope, m.region_code, m.institution_id, m.facility_id, indexed=indexed))
     if ranges:
         i = StatInstrumentDay
-        ended = i.day < today
-        parts.append(_inst_filter(select(
-            i.instrument_id.label("iid"), _sum(i.bookings).label("a"), _sum(i.booked_min).label("b"),
-            _when(ended, i.effective_min).label("c"), _when(ended, i.ext_institution_min).label("d"),
-            _when(ended, i.ext_region_min).label("e"), _when(ended, i.no_shows).label("f"),
-            _sum(i.maintenance_min).label("g"),
-        ).where(or_(*(i.day.between(lo, hi) for lo, hi in ranges))).group_by(i.instrument_id), scope))
-    if len(parts) == 1:
-        rows = session.execute(parts[0])
-    else:  # the database adds the months and the days up: far cheaper than merging two result sets in Python
-        both = union_all(*parts).subquery()
-        rows = session.execute(select(both.c.iid, *(func.sum(both.c[k]) for k in "abcdefg")).group_by(both.c.iid))
+        stmt = select(i.instrument_id.label("iid"), *(
+            (case((i.day < today, getattr(i, name)), else_=0) if name in _UNTIL_TODAY else getattr(i, name))
+            .label(name) for name in measures)).where(or_(*(i.day.between(lo, hi) for lo, hi in ranges)))
+        if ids is not None:
+            stmt = stmt.where(i.instrument_id.in_(ids))
+        parts.append(_inst_filter(stmt, scope, indexed=indexed))
+    rows = parts[0].subquery() if len(parts) == 1 else union_all(*parts).subquery()
+    return select(rows.c.iid, *(func.sum(rows.c[name]).label(name) for name in measures)).group_by(rows.c.iid)
+
+
+def _instrument_figures(session: Session, scope: Scope, period: Period, today: date,
+                        ids: Sequence[int] | None = None) -> dict[int, tuple[int, int, int, int, int, int, int]]:
+    """Per instrument with activity in the period (or only `ids`): (bookings, booked, effective, other-institution,
+    other-region minutes, no-shows, maintenance minutes); effective figures and no-shows count the days before
+    today."""
+    rows = session.execute(_per_instrument(scope, period, today, ids=ids))
     return {int(r[0]): (int(r[1]), int(r[2]), int(r[3]), int(r[4]), int(r[5]), int(r[6]), int(r[7])) for r in rows}
 
 
@@ -843,50 +918,88 @@ def top_and_idle(rows: Sequence[InstrumentRow], n: int = TOP_N) -> tuple[list[In
 
 def ranked_instruments(session: Session, scope: Scope, period: Period, today: date,
                        n: int = TOP_N) -> tuple[list[InstrumentRow], list[InstrumentRow], int]:
-    """What `top_and_idle(instrument_rows(…))` gives, without reading every instrument's row: only ids, and the
-    instruments whose availability differs from the default (opening hours set, or retired)."""
-    figures = _instrument_figures(session, scope, period, today)
+    """What `top_and_idle(instrument_rows(…))` gives, ranked by the database: one statement adds up the period per
+    instrument and returns the busiest n, how many bookable instruments had booked time, and the n lowest ids of
+    those that had none; only the listed instruments' rows are then read."""
+    per = _per_instrument(scope, period, today, ("booked_min", "effective_min")).subquery("per")
+    # Instruments with booked time, in the scope by their own placement, as instrument_rows lists them.
+    booked = _instrument_filter(select(
+        per.c.iid, per.c.booked_min.label("b"), per.c.effective_min.label("c"),
+        case((Instrument.status == InstrumentStatus.retired, 0), else_=1).label("bookable"),
+    ).join(Instrument, Instrument.id == per.c.iid), scope).cte("booked")
+    # (`b > 0` stays out of the CTE: the planner cannot estimate it on a sum and then joins row by row.)
+    busiest = select(booked.c.iid).where(booked.c.b > 0).order_by(
+        booked.c.c.desc(), booked.c.b.desc(), booked.c.iid).limit(n).subquery()
+    counted = select(func.count()).select_from(booked).where(booked.c.b > 0, booked.c.bookable == 1).scalar_subquery()
+    # Never booked: utilisation 0, so they sort first, by id (when there are at least n of them).
+    unbooked = _instrument_filter(select(Instrument.id).where(
+        Instrument.status != InstrumentStatus.retired,
+        Instrument.id.not_in(select(booked.c.iid).where(booked.c.b > 0))), scope).order_by(
+        Instrument.id).limit(n).subquery()
+    stmt = union_all(select(literal(0).label("part"), busiest.c.iid.label("value")),
+                     select(literal(1), counted),
+                     select(literal(2), unbooked.c.id))
+    found: dict[int, list[int]] = {0: [], 1: [], 2: []}
+    for part, value in session.execute(stmt):
+        found[int(part)].append(int(value))
+    top, never_booked = found[0], found[2]
+    idle_count = available_minutes(session, scope, period)[1] - (found[1][0] if found[1] else 0)
+    if idle_count >= n:
+        idle = never_booked[:n]
+        figures = _figures_for(session, scope, period, today, top + idle)
+    else:
+        candidates = never_booked + _least_booked(session, scope, period, today, n)
+        figures = _figures_for(session, scope, period, today, top + candidates)
+        idle = heapq.nsmallest(n, {i for i in candidates if not figures[i][8]},
+                               key=lambda i: (figures[i][7] or 0.0, figures[i][1], i))
+    return _rows_for(session, figures, top), _rows_for(session, figures, idle), idle_count
+
+
+def _least_booked(session: Session, scope: Scope, period: Period, today: date, n: int) -> list[int]:
+    """Bookable instruments that may be among the n least used although booked: per opening-hours pattern the n
+    with the least booked time (instruments sharing a pattern and free of downtime have the same available time,
+    so booked time orders their utilisation), and every instrument with downtime in the period."""
+    down = {iid for iid, _day in downtime(session, scope, period)}
+    per = _per_instrument(scope, period, today, ("booked_min",)).subquery("per")
+    pattern = func.coalesce(BookingPolicy.opening_hours, "")
+    ranked = _instrument_filter(select(
+        per.c.iid, func.row_number().over(partition_by=pattern, order_by=(per.c.booked_min, per.c.iid)).label("rn"),
+    ).join(Instrument, Instrument.id == per.c.iid).outerjoin(
+        BookingPolicy, BookingPolicy.instrument_id == per.c.iid).where(
+        per.c.booked_min > 0, Instrument.status != InstrumentStatus.retired), scope).subquery()
+    # n more per pattern than instruments with downtime, so that n without downtime remain in each.
+    rows = session.scalars(select(ranked.c.iid).where(ranked.c.rn <= n + len(down)))
+    return sorted({int(i) for i in rows} | down)
+
+
+def _figures_for(session: Session, scope: Scope, period: Period, today: date,
+                 ids: Sequence[int]) -> dict[int, _Figures]:
+    """The figures of the instruments `ids`, read by id."""
+    wanted = sorted(set(ids))
+    if not wanted:
+        return {}
     counts = _weekday_counts(period)
-    default_available = _available(counts, None)
-    special = {int(i): (raw, status == InstrumentStatus.retired) for i, raw, status in session.execute(
-        _instrument_filter(select(Instrument.id, BookingPolicy.opening_hours, Instrument.status).outerjoin(
-            BookingPolicy, BookingPolicy.instrument_id == Instrument.id).where(
-            (BookingPolicy.opening_hours.is_not(None) & (BookingPolicy.opening_hours != ""))
-            | (Instrument.status == InstrumentStatus.retired)), scope))}
-    bookable = [int(i) for i in session.scalars(_instrument_filter(
-        select(Instrument.id).where(Instrument.status != InstrumentStatus.retired), scope))]
     down: dict[int, int] = defaultdict(int)
     for (iid, _day), minutes in downtime(session, scope, period).items():
         down[iid] += minutes
-    cache: dict[str | None, int] = {None: default_available}
+    figures: dict[int, tuple[int, int, int, int, int, int, int]] = {}
+    placed: dict[int, tuple[str | None, bool]] = {}
+    for chunk in (wanted[k:k + 5000] for k in range(0, len(wanted), 5000)):
+        figures.update(_instrument_figures(session, scope, period, today, ids=chunk))
+        placed.update({int(i): (raw, status == InstrumentStatus.retired) for i, raw, status in session.execute(
+            select(Instrument.id, BookingPolicy.opening_hours, Instrument.status).outerjoin(
+                BookingPolicy, BookingPolicy.instrument_id == Instrument.id).where(Instrument.id.in_(chunk)))})
+    cache: dict[str | None, int] = {}
     nothing = (0, 0, 0, 0, 0, 0, 0)
-    full: dict[int, _Figures] = {}
-
-    def figures_of(iid: int) -> _Figures:
-        if iid not in full:
-            raw, retired = special.get(iid, (None, False))
-            if raw not in cache:
-                cache[raw] = _available(counts, raw)
-            figs = figures.get(iid, nothing)
-            available = 0 if retired else cache[raw] - down[iid]
-            full[iid] = (*figs[:6], available, _ratio(figs[1], available), retired)
-        return full[iid]
-
-    in_scope = set(bookable) | set(special)  # the instruments' own scope, as instrument_rows reads it
-    listed = [i for i in figures if i in in_scope]
-    top = heapq.nsmallest(n, (i for i in listed if figures[i][1]),
-                          key=lambda i: (-figures[i][2], -figures[i][1], i))
-    never_booked = sorted(i for i in bookable if not figures.get(i, nothing)[1])
-    idle_count = len(never_booked)
-    if idle_count >= n:  # nothing booked sorts first (utilisation 0, then by id): no need to rank the others
-        idle = never_booked[:n]
-        for i in idle:
-            figures_of(i)
-    else:
-        idle = heapq.nsmallest(n, bookable, key=lambda i: (figures_of(i)[7] or 0.0, figures_of(i)[1], i))
-    for i in top:
-        figures_of(i)
-    return _rows_for(session, full, top), _rows_for(session, full, idle), idle_count
+    out: dict[int, _Figures] = {}
+    for iid in wanted:
+        raw, retired = placed.get(iid, (None, False))
+        if raw not in cache:
+            cache[raw] = _available(counts, raw)
+        figs = figures.get(iid, nothing)
+        available = 0 if retired else cache[raw] - down[iid]
+        out[iid] = (*figs[:6], available, _ratio(figs[1], available), retired)
+    return out
 
 
 def _child_names(session: Session, kind: ScopeKind, keys: Iterable[Any]) -> dict[str, tuple[str, str]]:
@@ -907,19 +1020,16 @@ def breakdown(session: Session, scope: Scope, period: Period, today: date) -> li
     child = CHILD_KIND[scope.kind]
     if child is None:
         return []
-    f = StatFacilityDay
-    ended = f.day < today
-    fac_key = {ScopeKind.region: f.region_code, ScopeKind.institution: f.institution_id,
-               ScopeKind.facility: f.facility_id}[child]
-    inst_key = {ScopeKind.region: Instrument.region_code, ScopeKind.institution: Instrument.institution_id,
-                ScopeKind.facility: Instrument.facility_id}[child]
+    inst_key = _INSTRUMENT_CHILD[child]
     acc: dict[str, list[int]] = {}
-    stmt = select(fac_key, _sum(f.booked_min), _when(ended, f.effective_min),
-                  _when(ended & (f.internal == 0), f.effective_min),
-                  _when(ended & (f.user_region_code != f.region_code), f.effective_min)).where(
-        f.day.between(period.first, period.last)).group_by(fac_key)
-    for key, booked, effective, ext_inst, ext_region in session.execute(_fac_filter(stmt, scope)):
-        acc[str(key)] = [0, int(booked), int(effective), int(ext_inst), int(ext_region), 0]
+    for key, region, user_region, internal, booked, effective in _per_group(session, scope, period, today):
+        if scope.kind is ScopeKind.region and region != scope.key:
+            continue  # what the region's users used elsewhere: in its flows, not in its breakdown
+        a = acc.setdefault(key, [0, 0, 0, 0, 0, 0])
+        a[1] += booked
+        a[2] += effective
+        a[3] += effective if not internal else 0
+        a[4] += effective if user_region != region else 0
     counts = _weekday_counts(period)
     for key, raw, n in _patterns(session, scope, inst_key):
         a = acc.setdefault(str(key), [0, 0, 0, 0, 0, 0])
