@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo test test-fuzz bench bench-dashboard bench-matching lint typecheck serve browser fonts clean
+.PHONY: demo test test-fuzz bench bench-dashboard bench-matching bench-peer bench-ceiling lint typecheck serve browser fonts clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,15 @@ test-fuzz: $(VENV)/.stamp-dev
 bench: $(VENV)/.stamp-dev
 	@command -v wrk >/dev/null 2>&1 || { if [ "$$(id -u)" = "0" ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q wrk; else echo "wrk missing: falling back to the asyncio client" >&2; fi; }
 	$(BIN)/python bench/run.py
+
+# LabCommons beside Indico's room booking (installed into bench/.peers/ at first use): booking rate, latency and the
+# K=2/K=10 race on one slot, same client, same processes, same machine.
+bench-peer: $(VENV)/.stamp-dev
+	$(BIN)/python bench/peers/compare.py
+
+# PostgreSQL's own insert rate with the booking exclusion constraint (pgbench): the ceiling for bookings/s.
+bench-ceiling: $(VENV)/.stamp-dev
+	$(BIN)/python bench/pgceiling.py
 
 # The statistics dashboard over 1M bookings (< 1 s), the statistics rebuild and the refresh after booking changes;
 # reuses the bench datasets (LC_BENCH_* variables and bench/run.py --help apply).

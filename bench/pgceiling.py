@@ -4,9 +4,11 @@ the app's HTTP booking rate can be printed beside what the database alone can do
 
 A scratch database `lc_bench_pgceiling` is built by our migrations (so the table, its indexes, the btree_gist
 exclusion constraint and its status predicate are exactly production's) and seeded with the synthetic generator
-(10k instruments, 10k bookings by default). Two custom pgbench scripts, each transaction on its own:
+(10k instruments, 10k bookings by default). Three custom pgbench scripts, each transaction on its own:
 
 - `insert`: one INSERT of a booking, autocommitted.
+- `insert+pending`: the booking and its audit record in `audit_pending` (deferred sealing, the app's default on
+  PostgreSQL): no shared row, so writers do not queue.
 - `insert+audit`: what a booking transaction does at the SQL level at least: INSERT the booking, advance the
   audit chain's single head row (UPDATE audit_head, the lock every audited write takes at commit), INSERT the
   audit entry, COMMIT. The difference between the two is the price of one global serial point.
@@ -45,7 +47,7 @@ DATABASE = "lc_bench_pgceiling"
 DEFAULT_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 # Far beyond the synthetic bookings (seeding day -10 .. +60 days), so benchmark rows never meet seeded ones.
 BASE = "2031-01-01 00:00:00+00"
-VARIANTS = ("insert", "insert+audit")
+VARIANTS = ("insert", "insert+pending", "insert+audit")
 GENESIS = "0" * 64
 
 _BOOKING_INSERT = """\
@@ -70,6 +72,13 @@ INSERT INTO audit_entry (seq, at, actor_id, actor_kind, client_ip, action, entit
 VALUES (:head_seq, now(), :uid, 'user', '127.0.0.1', 'booking.created', 'booking', :booking_id, 'CQ', NULL, NULL,
         '{"after":{"status":"confirmed","kind":"use"}}', :prev_hash, :head_hash);"""
 
+_PENDING_INSERT = """\
+INSERT INTO audit_pending (at, actor_id, actor_kind, client_ip, action, entity_type, entity_id, region_code,
+                           institution_id, facility_id, changes, mac)
+VALUES (now(), :uid, 'user', '127.0.0.1', 'booking.created', 'booking', :booking_id, 'CQ', NULL, NULL,
+        '{"after":{"status":"confirmed","kind":"use"}}',
+        encode(sha256(convert_to(:booking_id::text, 'UTF8')), 'hex'));"""
+
 
 def _one_line(sql: str) -> str:
     # One line per command keeps the script readable in pgbench's error messages, which quote the failing line.
@@ -82,6 +91,9 @@ def pgbench_script(variant: str, *, inst_lo: int, instruments: int, user_lo: int
     lines = [f"\\set uid random({user_lo}, {user_lo + users - 1})"]
     if variant == "insert":
         lines.append(insert + ";")
+    elif variant == "insert+pending":
+        # Deferred sealing (the app's default on PostgreSQL): the entry goes to audit_pending, no shared row.
+        lines += ["BEGIN;", insert + " RETURNING id AS booking_id \\gset", _one_line(_PENDING_INSERT), "END;"]
     elif variant == "insert+audit":
         update, _, entry = _AUDIT_APPEND.partition("\\gset\n")
         lines += ["BEGIN;", insert + " RETURNING id AS booking_id \\gset",
@@ -139,7 +151,7 @@ def prepare(admin_url: str, *, instruments: int, bookings: int) -> dict[str, int
             seed_synthetic(db, instruments=instruments, bookings=bookings, seed=1)
         with db.engine.begin() as conn:
             conn.execute(text("DELETE FROM booking WHERE starts_at >= :base"), {"base": BASE})
-            conn.execute(text("TRUNCATE audit_entry"))
+            conn.execute(text("TRUNCATE audit_entry, audit_pending"))
             conn.execute(text("INSERT INTO audit_head (id, seq, hash) VALUES (1, 0, :g) "
                               "ON CONFLICT (id) DO UPDATE SET seq = 0, hash = :g"), {"g": GENESIS})
             conn.execute(text("DROP SEQUENCE IF EXISTS pgceiling_slot"))

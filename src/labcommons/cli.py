@@ -277,7 +277,10 @@ def worker_command(
     import signal
 
     from labcommons import jobs
+    from labcommons.config import get_settings
+    from labcommons.ops.logs import configure_logging
 
+    configure_logging(get_settings())
     db = _database()
     if once:
         worker_name = worker_id or jobs.default_worker_id()
@@ -296,11 +299,29 @@ def worker_command(
         worker = jobs.Worker(db, worker_id, poll_seconds=poll, on_batch=report)
         # What systemd and container runtimes send: finish the job in hand, record the stop, exit.
         signal.signal(signal.SIGTERM, lambda _signum, _frame: worker.stop(timeout=0))
+        sealer = _audit_sealer(db)
         try:
             worker.run()
         except KeyboardInterrupt:
             worker.stop_event.set()
+        finally:
+            if sealer is not None:
+                sealer.stop()
     console.print(f"stopped: {totals.done} done, {totals.retried} retried, {totals.failed} failed")
+
+
+def _audit_sealer(db: Any) -> Any:
+    """A running audit sealer when this database defers sealing (PostgreSQL by default), else None: workers chain
+    pending audit entries too, so the log stays current while app servers are down."""
+    from labcommons.audit.capture import deferred_sealing
+    from labcommons.audit.seal import Sealer
+    from labcommons.config import get_settings
+
+    if not deferred_sealing(db.engine.dialect.name):
+        return None
+    sealer = Sealer(db, get_settings().audit_seal_interval_seconds)
+    sealer.start()
+    return sealer
 
 
 @app.command("demo")

@@ -159,3 +159,13 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def transaction_within(transaction: Any, ancestor: Any) -> bool:
+    """Whether a session transaction is `ancestor` or nested inside it (to drop what a rolled-back savepoint
+    recorded in session.info)."""
+    while transaction is not None:
+        if transaction is ancestor:
+            return True
+        transaction = transaction.parent
+    return False

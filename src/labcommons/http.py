@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import date
 from typing import Annotated, Any
 
@@ -97,7 +97,7 @@ def has_scope(actor: Actor, scope: str) -> bool:
     return actor.scopes is None or scope in actor.scopes
 
 
-def require_scope(scope: str) -> Callable[..., Actor]:
+def require_scope(scope: str) -> Callable[..., Awaitable[Actor]]:
     """A dependency giving the API caller, refused with 403 insufficient_scope when their token lacks `scope`."""
 
     async def dependency(actor: Annotated[Actor, Depends(api_actor)]) -> Actor:  # no I/O: kept off the thread pool
@@ -155,7 +155,7 @@ def idempotent_post(request: Request, db: Database, actor: Actor, key: str | Non
                     work: Callable[[Session], Outcome]) -> JSONResponse:
     """Run a POST's `work` at most once per Idempotency-Key (see idempotency.run_idempotent) and answer with its
     outcome; `payload` is what the request asks for, beside its path. A replayed answer says so in a header."""
-    print_ = fingerprint("POST", request.url.path, payload)
+    print_ = fingerprint("POST", request.url.path, payload) if key is not None else ""  # only a key needs it
     outcome = run_idempotent(db, actor.user_id, key, print_, work)
     headers = {"Idempotent-Replayed": "true"} if outcome.replayed else None
     return JSONResponse(outcome.body, status_code=outcome.status_code, headers=headers)

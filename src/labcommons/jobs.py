@@ -23,7 +23,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -91,6 +91,17 @@ def load_handlers() -> None:
         importlib.import_module(module)
 
 
+@dataclass(frozen=True)
+class JobSpec:
+    """A job to queue: what `enqueue` takes, as a value, so several can be queued in one statement."""
+
+    kind: str
+    payload: dict[str, Any]
+    dedupe_key: str | None = None
+    run_after: datetime | None = None
+    max_attempts: int | None = None
+
+
 def enqueue(
     session: Session,
     kind: str,
@@ -101,24 +112,33 @@ def enqueue(
     max_attempts: int | None = None,
 ) -> int | None:
     """Queue a job in the session's transaction; the id, or None when a job with `dedupe_key` already exists."""
+    ids = enqueue_many(session, [JobSpec(kind, payload, dedupe_key, run_after, max_attempts)])
+    return ids[0] if ids else None
+
+
+def enqueue_many(session: Session, specs: Sequence[JobSpec]) -> list[int]:
+    """Queue several jobs with one INSERT (a booking's notification and reminder, say); the ids of those queued,
+    leaving out any whose dedupe_key already exists."""
+    if not specs:
+        return []
     settings = get_settings()
     dialect = session.get_bind().dialect.name
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     now = utcnow()
+    rows = [
+        dict(kind=spec.kind, payload=json.dumps(spec.payload, default=str, ensure_ascii=False),
+             dedupe_key=spec.dedupe_key, status=JobStatus.queued, attempts=0,
+             max_attempts=spec.max_attempts or settings.job_max_attempts, run_after=spec.run_after or now,
+             last_error="", created_at=now)
+        for spec in specs
+    ]
     statement = (
-        insert(Job)
-        .values(
-            kind=kind, payload=json.dumps(payload, default=str, ensure_ascii=False), dedupe_key=dedupe_key,
-            status=JobStatus.queued, attempts=0, max_attempts=max_attempts or settings.job_max_attempts,
-            run_after=run_after or now, last_error="", created_at=now,
-        )
-        .on_conflict_do_nothing(index_elements=[Job.dedupe_key])
-        .returning(Job.id)
+        insert(Job).values(rows).on_conflict_do_nothing(index_elements=[Job.dedupe_key]).returning(Job.id)
     )
-    job_id = session.execute(statement).scalar_one_or_none()
-    if job_id is not None:
+    ids = [int(i) for i in session.execute(statement).scalars()]
+    if ids:
         session.info[_ENQUEUED_KEY] = True
-    return job_id
+    return ids
 
 
 @event.listens_for(Session, "after_commit")

@@ -76,7 +76,13 @@ from labcommons.orders.models import (
     SampleEvent,
     ServiceOrder,
 )
-from labcommons.reporting.models import StatDirty, StatFacilityDay, StatInstrumentDay, StatInstrumentMonth
+from labcommons.reporting.models import (
+    StatDirty,
+    StatFacilityDay,
+    StatInstrumentDay,
+    StatInstrumentMonth,
+    StatRegionDay,
+)
 from labcommons.security.models import RateLimitBucket
 
 __all__ = [
@@ -143,6 +149,7 @@ __all__ = [
     "StatFacilityDay",
     "StatInstrumentDay",
     "StatInstrumentMonth",
+    "StatRegionDay",
     "TalentCard",
     "TalentCardScheme",
     "TalentEntitlement",

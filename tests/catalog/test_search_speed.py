@@ -3,6 +3,8 @@ on ids alone, and migration 0010."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from sqlalchemy import inspect, select
 
@@ -14,7 +16,7 @@ from labcommons.migrations import downgrade, upgrade
 from tests.factories import World
 
 
-def facets(db: Database, **query: str) -> dict[str, dict[str, tuple[int, bool]]]:
+def facets(db: Database, **query: Any) -> dict[str, dict[str, tuple[int, bool]]]:
     with db.unit_of_work(write=False) as s:
         return {dim: {f.value: (f.count, f.capped) for f in values}
                 for dim, values in service.facet_counts(s, InstrumentQuery(**query)).items()}
@@ -87,3 +89,9 @@ def test_migration_0010_adds_and_drops_the_slot_grid_index(db: Database) -> None
     assert "ix_instrument_slot_id" not in indexes()
     upgrade(db.engine)
     assert "ix_instrument_slot_id" in indexes()
+
+
+@pytest.mark.parametrize(("q", "several"), [("显微镜", True), ("mass spectrometer", True), ("色谱", False),
+                                            ("microscope", False), ("序", False), ("!!", False)])
+def test_queries_of_several_terms_are_told_apart(q: str, several: bool) -> None:
+    assert service.has_several_terms(q) is several

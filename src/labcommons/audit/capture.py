@@ -28,7 +28,7 @@ import labcommons.audit.models  # noqa: F401  (the tables below are looked up by
 from labcommons.audit import context
 from labcommons.audit.chain import GENESIS, HEAD_ID, audit_key, canonical_json, entry_hash
 from labcommons.config import get_settings
-from labcommons.db import Base, utcnow
+from labcommons.db import Base, transaction_within, utcnow
 
 PENDING = "audit_pending"
 
@@ -464,18 +464,11 @@ def chain_records(session: Session, records: list[dict[str, Any]]) -> None:
     session.execute(update(head).where(head.c.id == HEAD_ID).values(hash=prev))
 
 
-def _within(transaction: Any, ancestor: Any) -> bool:
-    while transaction is not None:
-        if transaction is ancestor:
-            return True
-        transaction = transaction.parent
-    return False
-
-
 def _soft_rollback(session: Session, previous_transaction: Any) -> None:
     pending = session.info.get(PENDING)
     if pending and previous_transaction.nested:
-        session.info[PENDING] = [item for item in pending if not _within(item.transaction, previous_transaction)]
+        session.info[PENDING] = [item for item in pending
+                                 if not transaction_within(item.transaction, previous_transaction)]
 
 
 def _transaction_end(session: Session, transaction: Any) -> None:

@@ -10,20 +10,10 @@ from sqlalchemy.orm import Mapped, mapped_column
 from labcommons.db import Base, UTCDateTime
 
 
-class AuditEntry(Base):
-    """One state change. `hash` chains it to the entry before (see audit.chain); nothing updates or deletes it."""
+class _RecordFields:
+    """The fields of a change, shared by chained entries and pending records (deferred sealing)."""
 
-    __tablename__ = "audit_entry"
-    __table_args__ = (
-        Index("ix_audit_entry_region_seq", "region_code", "seq"),
-        Index("ix_audit_entry_entity", "entity_type", "entity_id"),
-    )
-
-    # The position in the chain: 1, 2, 3, … without gaps, given under the head's lock at commit.
-    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
     at: Mapped[datetime] = mapped_column(UTCDateTime)
-    # The user who acted, by id only (their name and e-mail live in user_account, which deletion pseudonymises).
-    actor_id: Mapped[int | None] = mapped_column(index=True)
     # "user", "token" (an API token), "system" (jobs, sweeps) or "cli".
     actor_kind: Mapped[str] = mapped_column(String(16))
     client_ip: Mapped[str | None] = mapped_column(String(64))
@@ -37,6 +27,21 @@ class AuditEntry(Base):
     facility_id: Mapped[int | None] = mapped_column()
     # Canonical JSON {"before": {...}, "after": {...}}; personal data appears only as keyed digests.
     changes: Mapped[str] = mapped_column(Text)
+
+
+class AuditEntry(_RecordFields, Base):
+    """One state change. `hash` chains it to the entry before (see audit.chain); nothing updates or deletes it."""
+
+    __tablename__ = "audit_entry"
+    __table_args__ = (
+        Index("ix_audit_entry_region_seq", "region_code", "seq"),
+        Index("ix_audit_entry_entity", "entity_type", "entity_id"),
+    )
+
+    # The position in the chain: 1, 2, 3, … without gaps, given under the head's lock at commit.
+    seq: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    # The user who acted, by id only (their name and e-mail live in user_account, which deletion pseudonymises).
+    actor_id: Mapped[int | None] = mapped_column(index=True)
     prev_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64))
 
@@ -51,7 +56,7 @@ class AuditHead(Base):
     hash: Mapped[str] = mapped_column(String(64))
 
 
-class AuditPending(Base):
+class AuditPending(_RecordFields, Base):
     """A change recorded at its commit but not yet in the chain (deferred sealing, see audit.seal).
 
     Appending to the one chain at every commit makes all writers queue on the head row; with deferred sealing a
@@ -62,16 +67,6 @@ class AuditPending(Base):
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
                                     autoincrement=True)
-    at: Mapped[datetime] = mapped_column(UTCDateTime)
     actor_id: Mapped[int | None] = mapped_column()
-    actor_kind: Mapped[str] = mapped_column(String(16))
-    client_ip: Mapped[str | None] = mapped_column(String(64))
-    action: Mapped[str] = mapped_column(String(64))
-    entity_type: Mapped[str] = mapped_column(String(40))
-    entity_id: Mapped[str] = mapped_column(String(80))
-    region_code: Mapped[str | None] = mapped_column(String(8))
-    institution_id: Mapped[int | None] = mapped_column()
-    facility_id: Mapped[int | None] = mapped_column()
-    changes: Mapped[str] = mapped_column(Text)
     # HMAC of the fields above under the audit key, so a row changed before sealing is found out.
     mac: Mapped[str] = mapped_column(String(64))

@@ -155,10 +155,16 @@ def home(
     # The region facet ignores only the region filter, so it also yields the exact total.
     region_counts = {f.value: f.count for f in facets.get("region", [])}
     total = region_counts.get(region, 0) if region else sum(region_counts.values())
+    # Beyond service.FACET_CAP matches the counts are lower bounds: the page says "1,000+".
+    total_capped = any(f.capped for f in facets.get("region", []))
+    if total_capped:
+        total = service.FACET_CAP
     if page is not None:
-        kind_facet = [service.FacetValue("instrument", "仪器", "Instruments", total), *kind_facet]
+        kind_facet = [service.FacetValue("instrument", "仪器", "Instruments", total, capped=total_capped),
+                      *kind_facet]
     context: dict[str, Any] = dict(
         q=q, query=query, page=page, facets=facets, facet_titles=_facet_titles(), errors=errors, total=total,
+        total_capped=total_capped,
         selected={"region": region, "institution": institution, "category": category, "status": status},
         free_from=free_from, free_to=free_to, cursor=cursor, status_label=status_label, kind=None,
         kind_facet=kind_facet, kind_label=kind_label, dims=["region", "institution", "category", "status"],

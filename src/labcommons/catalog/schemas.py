@@ -70,6 +70,8 @@ class FacetValueRead(BaseModel):
     label_zh: str
     label_en: str
     count: int
+    # True when more rows matched than the facets count (catalog.service.FACET_CAP): `count` is a lower bound.
+    capped: bool = False
 
 
 class InstrumentPage(BaseModel):

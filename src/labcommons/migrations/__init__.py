@@ -51,7 +51,7 @@ def _migration_connection(engine: Engine) -> Iterator[Connection]:
                 _driver(connection).execute("PRAGMA foreign_keys=ON")
 
 
-def upgrade(engine: Engine, revision: str = "heads") -> None:
+def upgrade(engine: Engine, revision: str = "head") -> None:
     """Bring the database behind `engine` to `revision`."""
     cfg = alembic_config()
     with _migration_connection(engine) as connection:

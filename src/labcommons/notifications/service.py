@@ -126,25 +126,32 @@ def notify(session: Session, event: str, booking: Booking, **data: Any) -> None:
         return  # a downtime block is staff's own entry, not someone's booking to tell them about
     if booking.id is None:
         session.flush()
+    queue: list[jobs.JobSpec] = []
     if wants(session, recipient, event):
-        jobs.enqueue(
-            session, "send_notification", {"event": event, "booking_id": booking.id, "data": data},
+        queue.append(jobs.JobSpec(
+            "send_notification", {"event": event, "booking_id": booking.id, "data": data},
             dedupe_key=f"{event}:{booking.id}:{_discriminator(event, booking, data)}"[:200],
-        )
+        ))
     if event in ("created", "approved"):
-        schedule_reminder(session, booking)
+        reminder = _reminder(booking, utcnow())
+        if reminder is not None:
+            queue.append(reminder)
+    jobs.enqueue_many(session, queue)  # one statement for both: every booking pays for it
+
+
+def _reminder(booking: Booking, now: datetime) -> jobs.JobSpec | None:
+    remind_at = booking.starts_at - REMINDER_LEAD
+    if remind_at <= now:
+        return None
+    return jobs.JobSpec("reminder", {"booking_id": booking.id, "starts_at": booking.starts_at.isoformat()},
+                        dedupe_key=f"reminder:{booking.id}:{booking.starts_at.isoformat()}", run_after=remind_at)
 
 
 def schedule_reminder(session: Session, booking: Booking, *, now: datetime | None = None) -> None:
     """Queue the 24-hour reminder of a booking that starts later than that; keyed by its start, so a move re-arms it."""
-    now = now or utcnow()
-    remind_at = booking.starts_at - REMINDER_LEAD
-    if remind_at <= now:
-        return
-    jobs.enqueue(
-        session, "reminder", {"booking_id": booking.id, "starts_at": booking.starts_at.isoformat()},
-        dedupe_key=f"reminder:{booking.id}:{booking.starts_at.isoformat()}", run_after=remind_at,
-    )
+    reminder = _reminder(booking, now or utcnow())
+    if reminder is not None:
+        jobs.enqueue_many(session, [reminder])
 
 
 # --- rendering and sending -----------------------------------------------------------------------------------

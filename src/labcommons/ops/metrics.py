@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.pool import Pool
 
 from labcommons.booking.models import Booking
-from labcommons.db import Database, utcnow
+from labcommons.db import Database, transaction_within, utcnow
 from labcommons.notifications.models import Job, JobStatus
 
 log = logging.getLogger("labcommons.metrics")
@@ -60,8 +60,6 @@ DB_POOL_IN_USE = Gauge(
 )
 
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
-# Label values for requests no route matched: the raw path would make the label set unbounded.
-UNMATCHED_ROUTE = "<unmatched>"
 _STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 
 # Histogram children by label values: labels() validates and locks on every call, a dict lookup does not.
@@ -107,18 +105,10 @@ def _after_commit(session: Session) -> None:
         BOOKINGS_CREATED.labels(status, kind).inc()
 
 
-def _within(transaction: Any, ancestor: Any) -> bool:
-    while transaction is not None:
-        if transaction is ancestor:
-            return True
-        transaction = transaction.parent
-    return False
-
-
 def _after_soft_rollback(session: Session, previous_transaction: Any) -> None:
     pending = session.info.get(_NEW_BOOKINGS)
     if pending and previous_transaction.nested:
-        session.info[_NEW_BOOKINGS] = [p for p in pending if not _within(p[0], previous_transaction)]
+        session.info[_NEW_BOOKINGS] = [p for p in pending if not transaction_within(p[0], previous_transaction)]
 
 
 def _after_transaction_end(session: Session, transaction: Any) -> None:

@@ -44,6 +44,8 @@ HEALTH_PATH = "/healthz"
 READY_PATH = "/readyz"
 METRICS_PATH = "/metrics"
 REQUEST_ID_HEADER = b"x-request-id"
+# The route label of requests no route matched: the raw path would make the label set unbounded.
+UNMATCHED_ROUTE = "<unmatched>"
 # Path parameters whose values are secrets (a password-reset link, a calendar feed's token): never logged.
 SECRET_PARAMS = frozenset({"token", "secret", "key"})
 _PROBE_HEADERS = [(b"cache-control", b"no-store"), (b"x-content-type-options", b"nosniff")]
@@ -71,8 +73,6 @@ def prepare_process(settings: Settings) -> None:
 
 def _route_template(scope: Scope, root_path: str) -> str:
     """The matched route's path template (`/api/v1/bookings/{booking_id}`), never the raw path."""
-    from labcommons.ops.metrics import UNMATCHED_ROUTE
-
     # FastAPI 0.16x routes lazily through included routers and keeps the full template of the matched route here;
     # older versions set scope["route"] to a route whose path_format is already the full template.
     context = scope.get("fastapi", {}).get("effective_route_context")

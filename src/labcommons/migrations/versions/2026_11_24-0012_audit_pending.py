@@ -1,7 +1,7 @@
 """audit pending: changes recorded at commit and chained later by the sealer (deferred sealing)
 
 Revision ID: 0012
-Revises: 0010
+Revises: 0011
 Create Date: 2026-11-24 10:00:00.000000
 """
 
@@ -13,7 +13,7 @@ from alembic import op
 import labcommons.db
 
 revision: str = "0012"
-down_revision: str | None = "0010"
+down_revision: str | None = "0011"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
