@@ -166,8 +166,13 @@ def main(argv: list[str]) -> int:
                                       concurrency=args.concurrency, workers=args.peer_workers,
                                       trials=args.race_trials, quick=args.quick)
     if "earliest" in parts:
-        for engine in engines:
-            ds = benchdata.Dataset(engine, args.earliest_instruments, args.earliest_bookings)
+        # The 100k/1M dataset, and the largest search size (1M instruments, no bookings: every instrument free).
+        sizes = [(args.earliest_instruments, args.earliest_bookings)]
+        largest = max([int(s) for s in str(args.search_sizes).split(",") if s.strip()], default=0)
+        if largest > args.earliest_instruments:
+            sizes.append((largest, 0))
+        for engine, (instruments, bookings) in [(e, size) for e in engines for size in sizes]:
+            ds = benchdata.Dataset(engine, instruments, bookings)
             print(f"== earliest slot: {engine}, {ds.instruments:,} instruments, {ds.bookings:,} bookings",
                   flush=True)
             db, info = benchdata.ensure(ds, args.admin_url, max_age_days=args.max_age_days, fresh=args.fresh)
