@@ -213,22 +213,32 @@ def text_match(
         return None
     table = model.__tablename__  # a class attribute, never user input
     if session.get_bind().dialect.name == "postgresql":
-        tsquery = " & ".join(f"'{token}'" + (":*" if prefix else "") for token, prefix in terms)
-        query = func.to_tsquery(literal_column("'simple'"), tsquery)
+        query = _tsquery(terms)
         vector: ColumnElement[Any] = literal_column(f"{table}.search_vector")
         # ts_rank is a float4; as float8 its text form round-trips exactly, which keyset cursors need.
         return TextMatch(None, [vector.op("@@")(query)], -cast(func.ts_rank(vector, query), Double))
-    match = " ".join(f'"{token}"' + ("*" if prefix else "") for token, prefix in terms)
     sub = (
         select(
             literal_column("rowid").label("id"),
             literal_column(f"bm25({table}_fts, 10.0, 1.0)").label("rank"),
         )
         .select_from(text(f"{table}_fts"))
-        .where(text(f"{table}_fts MATCH :fts_query").bindparams(fts_query=match))
+        .where(_fts_match(table, terms))
         .subquery("fts")
     )
     return TextMatch(sub, [], sub.c.rank)
+
+
+def _tsquery(terms: Sequence[tuple[str, bool]]) -> ColumnElement[Any]:
+    """PostgreSQL: every term must match, a prefix term as a prefix (`simple` configuration, as indexed)."""
+    tsquery = " & ".join(f"'{token}'" + (":*" if prefix else "") for token, prefix in terms)
+    return func.to_tsquery(literal_column("'simple'"), tsquery)
+
+
+def _fts_match(table: str, terms: Sequence[tuple[str, bool]]) -> Any:
+    """SQLite: the FTS5 MATCH of `<table>_fts` for every term, a prefix term as a prefix."""
+    match = " ".join(f'"{token}"' + ("*" if prefix else "") for token, prefix in terms)
+    return text(f"{table}_fts MATCH :fts_query").bindparams(fts_query=match)
 
 
 def text_condition(
@@ -245,14 +255,10 @@ def text_condition(
         return None
     table = model.__tablename__  # a class attribute, never user input
     if session.get_bind().dialect.name == "postgresql":
-        tsquery = " & ".join(f"'{token}'" + (":*" if prefix else "") for token, prefix in terms)
         vector: ColumnElement[Any] = literal_column(f"{table}.search_vector")
-        return vector.op("@@")(func.to_tsquery(literal_column("'simple'"), tsquery))
-    match = " ".join(f'"{token}"' + ("*" if prefix else "") for token, prefix in terms)
+        return vector.op("@@")(_tsquery(terms))
     matching_ids: Select[tuple[Any]] = (
-        select(literal_column("rowid"))
-        .select_from(text(f"{table}_fts"))
-        .where(text(f"{table}_fts MATCH :fts_query").bindparams(fts_query=match))
+        select(literal_column("rowid")).select_from(text(f"{table}_fts")).where(_fts_match(table, terms))
     )
     # `id + 0` is no longer the rowid, so SQLite cannot look rows up by the list and tests each row against it.
     return (model.id if drive else model.id + 0).in_(matching_ids)
