@@ -9,7 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,15 +122,22 @@ def start_server(
             env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )
     server = Server(base=f"http://127.0.0.1:{port}", process=process, log=log)
+    return wait_until_serving(server, workers, timeout,
+                              lambda: httpx.get(f"{server.base}/api/v1/health", timeout=1).status_code == 200)
+
+
+def wait_until_serving(server: Server, workers: int, timeout: float, healthy: Callable[[], bool]) -> Server:
+    """`server` once all its `workers` have logged that they serve and `healthy()` holds; stopped and an error
+    with its output if it exits or the timeout passes first."""
     try:
         deadline = time.monotonic() + timeout
         while True:
             if not server.alive:
-                raise RuntimeError(f"server exited with {process.returncode}:\n{server.output()}")
+                raise RuntimeError(f"server exited with {server.process.returncode}:\n{server.output()}")
             # The first worker up answers the health check; the test wants every one of them serving.
             if server.output().count(STARTED) >= workers:
                 try:
-                    if httpx.get(f"{server.base}/api/v1/health", timeout=1).status_code == 200:
+                    if healthy():
                         return server
                 except httpx.HTTPError:
                     pass

@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.server import STARTED, Server, free_port
+from tests.server import Server, free_port, wait_until_serving
 
 
 def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -117,24 +117,21 @@ def start_serve(database_url: str, *, workers: int, env: dict[str, str], timeout
             env=full_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )
     server = Server(base=f"http://127.0.0.1:{port}", process=process, log=log)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if not server.alive:
-                raise RuntimeError(f"server exited with {process.returncode}:\n{server.output()}")
-            if server.output().count(STARTED) >= workers:
-                try:
-                    with client_of(server, uds) as probe:
-                        if probe.get("/healthz", timeout=1).status_code == 200:
-                            return server
-                except httpx.HTTPError:
-                    pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"server did not become healthy in time:\n{server.output()}")
-            time.sleep(0.1)
-    except BaseException:
-        server.stop()
-        raise
+
+    def healthy() -> bool:
+        with client_of(server, uds) as probe:
+            return probe.get("/healthz", timeout=1).status_code == 200
+
+    return wait_until_serving(server, workers, timeout, healthy)
+
+
+def output_once(server: Server, text: str, timeout: float = 5.0) -> str:
+    """The server's output once it contains `text` (the access line is written after the answer is sent, so a
+    client can read the log before it), or as it is when the timeout passes."""
+    deadline = time.monotonic() + timeout
+    while text not in (output := server.output()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return output
 
 
 def log_lines(server: Server) -> list[dict[str, Any]]:
